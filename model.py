@@ -1,0 +1,472 @@
+"""A Gemma-style decoder-only transformer, small enough to read in one sitting.
+
+The architecture follows Gemma (Gemma Team, 2024), the policy family of the WARP paper:
+
+- token embedding multiplied by sqrt(d_model) and tied to the output projection,
+- RMSNorm that multiplies by (1 + weight) (weights are stored as offsets from 1),
+- rotary position embedding (RoPE) on queries and keys,
+- multi-query / grouped-query attention (n_kv_head <= n_head),
+- a GeGLU MLP with the tanh approximation of GELU.
+
+Gemma 2 and Gemma 3 add features that are all off in the default (toy, Gemma 1) config and cost
+nothing when off: tanh soft-capping of attention scores and of the final logits, sliding-window
+("local") attention layers interleaved with global ones, "sandwich" norms around each sublayer,
+a query scale set by `query_pre_attn_scalar`, and (Gemma 3) RMSNorm on query/key heads with a
+separate RoPE base for local layers and linear RoPE scaling for global ones.
+
+Parameter names are exactly Hugging Face Gemma's tensor names (`model.embed_tokens.weight`,
+`model.layers.N.self_attn.q_proj.weight`, ...), so a state dict of this model *is* a Gemma
+checkpoint's state dict: `from_pretrained` / `save_pretrained` are a short loop with shape checks
+plus a mapping between config.json and ModelConfig (file plumbing lives in hf_io.py).
+
+Next to the model: `generate` (sampling with a KV cache) and `completion_logprobs` (per-token
+log-probabilities of completions, masked to the completion), the two things RL needs.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hf_io
+
+SLIDING, FULL = "sliding_attention", "full_attention"  # layer type names used by HF configs
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    n_layer: int = 2          # number of transformer blocks
+    n_head: int = 4           # query heads
+    n_kv_head: int = 1        # key/value heads: 1 = multi-query (Gemma 2B), n_head = multi-head
+    d_model: int = 128        # residual stream width ("hidden_size")
+    head_dim: int = 32        # Gemma decouples head_dim from d_model / n_head
+    d_ff: int = 512           # GeGLU hidden width ("intermediate_size")
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 256    # longest sequence the rotary table is built for
+    init_std: float = 0.02    # N(0, 0.02) init; N(0, 1) creates denormals that slow CPU matmuls
+    # --- Gemma 2 / Gemma 3 features; the defaults switch every one of them off (= Gemma 1) ---
+    query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5; None = head_dim
+    attn_logit_softcap: float | None = None     # Gemma 2: scores -> c * tanh(scores / c) before softmax
+    final_logit_softcap: float | None = None    # Gemma 2/3: logits -> c * tanh(logits / c)
+    sliding_window: int | None = None           # a local layer's query sees this many positions (itself included)
+    layer_types: tuple | None = None            # per layer "sliding_attention" or "full_attention"; None = all full
+    sandwich_norms: bool = False                # Gemma 2/3: also RMSNorm each sublayer's output before the residual add
+    qk_norm: bool = False                       # Gemma 3: RMSNorm on every query and key head before RoPE
+    rope_local_theta: float | None = None       # Gemma 3: RoPE base of sliding layers; None = rope_theta
+    rope_scaling_factor: float = 1.0            # Gemma 3 "linear" RoPE scaling of full layers: angle = pos / factor
+
+    def __post_init__(self):
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            assert len(self.layer_types) == self.n_layer, "need one layer type per layer"
+            assert set(self.layer_types) <= {SLIDING, FULL}, f"layer types are {SLIDING!r} or {FULL!r}"
+            assert SLIDING not in self.layer_types or self.sliding_window, "sliding layers need sliding_window"
+
+    def is_sliding(self, layer):
+        return self.layer_types is not None and self.layer_types[layer] == SLIDING
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * (1 + w), computed in float32 as Gemma does."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # zero offset: the norm starts as identity scale
+
+    def forward(self, x):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_tables(head_dim, max_seq_len, theta, scaling_factor=1.0, device=None):
+    """cos/sin tables of shape (max_seq_len, head_dim) for rotary embedding (HF 'rotate_half' layout).
+
+    Linear RoPE scaling divides every frequency by the factor, i.e. position p is rotated as p / factor.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = inv_freq / scaling_factor
+    pos = torch.arange(max_seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(pos, inv_freq)               # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)          # (T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[i], x[i + d/2]) by position-dependent angles. x: (B, H, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def softcap(x, cap):
+    """Gemma 2's tanh soft-capping: smoothly squashes x into (-cap, cap)."""
+    return torch.tanh(x / cap) * cap
+
+
+def causal_mask(T, window, device):
+    """(T, T) bool, True where query i may attend key j: j <= i, and i - j < window if windowed."""
+    pos = torch.arange(T, device=device)
+    distance = pos[:, None] - pos[None, :]            # query position - key position
+    return (distance >= 0) & (distance < window) if window else distance >= 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, sliding=False):
+        super().__init__()
+        assert cfg.n_head % cfg.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.softcap = cfg.attn_logit_softcap
+        self.window = cfg.sliding_window if sliding else None
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # append this step's keys/values to everything seen so far
+            if "k" in cache:
+                assert T == 1, "with a filled cache, decode one token at a time"
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            if self.window is not None:  # the next query of a local layer sees only window - 1 past keys
+                keep_from = max(0, k.shape[2] - self.window + 1)
+                cache["k"], cache["v"] = k[:, :, keep_from:], v[:, :, keep_from:]
+        # one new token against a cache may see every cached key (the cache is already windowed);
+        # otherwise causal, and banded for a local layer
+        mask = causal_mask(T, self.window, x.device) if T > 1 and (self.window or self.softcap) else None
+        if self.softcap is None:  # enable_gqa: each kv head serves n_head / n_kv_head query heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T > 1 and mask is None),
+                                               scale=self.scale, enable_gqa=True)
+        else:  # soft-capped scores need the explicit form (as HF's eager attention)
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)               # (B, H, Tk, hd)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            scores = softcap((q @ k.transpose(-2, -1)) * self.scale, self.softcap)       # (B, H, T, Tk)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """GeGLU: down( gelu_tanh(gate(x)) * up(x) )."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, sliding=False):
+        super().__init__()
+        self.sliding, self.sandwich = sliding, cfg.sandwich_norms
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, sliding)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, cache=None):
+        if not self.sandwich:  # Gemma 1 pre-norm; HF calls the norm in front of the MLP "post_attention"
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        # Gemma 2/3: norm before and after each sublayer, then the residual add
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaBody(nn.Module):
+    """Holds the tensors under the `model.` prefix of a Gemma checkpoint."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, cfg.is_sliding(i)) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = GemmaBody(cfg)
+        self.build_rope_tables()
+        # explicit generator: building a model must never consume the global RNG (see TOY_NOTES)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std, generator=generator)
+
+    def build_rope_tables(self, device=None):
+        """(Re)build the non-persistent cos/sin buffers; the local pair exists only if Gemma 3 asks for it."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling_factor, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.rope_local_theta is not None:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_local_theta, 1.0, device)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
+
+    def forward(self, idx, caches=None, start_pos=0):
+        """idx: (B, T) token ids -> logits (B, T, vocab). With `caches`, positions start at start_pos."""
+        B, T = idx.shape
+        assert start_pos + T <= self.cfg.max_seq_len, f"sequence length {start_pos + T} > max_seq_len"
+        x = self.model.embed_tokens(idx)                                       # (B, T, C)
+        x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=x.dtype)       # Gemma: scale by sqrt(d)
+        positions = slice(start_pos, start_pos + T)
+        rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))
+        rope_local = rope
+        if self.cfg.rope_local_theta is not None:
+            rope_local = (self.rope_local_cos[positions].to(x.dtype), self.rope_local_sin[positions].to(x.dtype))
+        for i, block in enumerate(self.model.layers):
+            cos, sin = rope_local if block.sliding else rope
+            x = block(x, cos, sin, None if caches is None else caches[i])
+        x = self.model.norm(x)
+        logits = x @ self.model.embed_tokens.weight.T                          # tied output: (B, T, V)
+        if self.cfg.final_logit_softcap is not None:
+            logits = softcap(logits, self.cfg.final_logit_softcap)
+        return logits
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                 eos_id=None, use_cache=True):
+        """Sample continuations of prompts idx (B, T0) -> (B, T0 + max_new_tokens).
+
+        Each step samples from softmax(logits / temperature), optionally restricted to the top_k
+        logits; temperature 0 means greedy. Generation stops early once every row has produced
+        eos_id (tokens after a row's first eos are left as eos). With use_cache, keys/values of
+        past positions are kept so each step only runs the newest token through the network.
+        """
+        caches = [dict() for _ in self.model.layers] if use_cache else None
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        out, pos = idx, 0
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self(out[:, pos:], caches, start_pos=pos)[:, -1, :]
+                pos = out.shape[1]
+            else:
+                logits = self(out)[:, -1, :]
+            next_token = sample_from_logits(logits.float(), temperature, top_k, generator)
+            if eos_id is not None:
+                next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
+                done = done | (next_token == eos_id)
+            out = torch.cat([out, next_token[:, None]], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        return out
+
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, max_seq_len=None):
+        """Load a Hugging Face Gemma checkpoint directory (gemma, gemma2, gemma3_text, or the language
+        model of a multimodal gemma3). dtype defaults to float32 (choice: not the file's dtype);
+        max_seq_len defaults to min(max_position_embeddings, 8192) to bound the rotary tables.
+        """
+        cfg = config_from_hf(hf_io.read_config(path), max_seq_len)
+        with torch.device("meta"):  # no random init, no memory: every parameter is overwritten below
+            model = cls(cfg)
+        model = model.to(dtype or torch.float32).to_empty(device=device or "cpu")
+        model.build_rope_tables(device)
+        params = dict(model.named_parameters())
+        loaded, lm_head = set(), None
+        with torch.no_grad():
+            for file_name, tensor in hf_io.iter_tensors(path):
+                name = our_tensor_name(file_name)
+                if name is None:
+                    continue
+                if name == "lm_head.weight":
+                    lm_head = tensor
+                    continue
+                if name not in params:
+                    raise ValueError(f"unexpected tensor {file_name} in {path} (not part of a {cfg_type(cfg)} model)")
+                if tensor.shape != params[name].shape:
+                    raise ValueError(f"shape mismatch for {file_name}: checkpoint has {tuple(tensor.shape)}, "
+                                     f"config.json implies {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+                loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"{path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        embedding = model.model.embed_tokens.weight
+        if lm_head is not None and not torch.equal(lm_head.to(embedding), embedding):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight: warp-min ties the output "
+                             "projection to the embedding and cannot represent an untied head")
+        return model
+
+    def save_pretrained(self, path, max_shard_size="2GB"):
+        """Write config.json + safetensors (sharded with an index above max_shard_size) that
+        transformers' AutoModelForCausalLM loads. The tied head is not written: there is no lm_head tensor."""
+        config = config_to_hf(self.cfg)
+        config["dtype"] = hf_io.dtype_name(self.model.embed_tokens.weight.dtype)
+        hf_io.write_config(config, path)
+        hf_io.save_tensors(self.state_dict(), path, max_shard_size)
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
+    """logits (B, V) -> token ids (B,). temperature 0 = argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def completion_mask(tokens, prompt_len, eos_id):
+    """1.0 on completion tokens up to and including the first eos, 0.0 on the prompt and after."""
+    completion = tokens[:, prompt_len:]
+    is_eos = (completion == eos_id).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0          # strictly after the first eos
+    mask = torch.zeros_like(tokens, dtype=torch.float32)
+    mask[:, prompt_len:] = (~after_eos).float()
+    return mask
+
+
+def completion_logprobs(model, tokens, prompt_len, mask, temperature=1.0):
+    """Per-token log pi(y_t | x, y_<t) of the completion, and the per-token entropy.
+
+    tokens: (B, T) prompt + completion; mask: (B, T) from completion_mask. Returns
+    (logp, entropy), both (B, T-1) aligned with tokens[:, 1:] and zero outside the mask; the
+    sequence log-probability log pi(y|x) is logp.sum(-1). Logits are divided by the sampling
+    temperature so these are the log-probabilities of the distribution that was sampled.
+    """
+    logits = model(tokens[:, :-1]).float() / temperature                  # (B, T-1, V)
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)            # (B, T-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)                        # (B, T-1)
+    m = mask[:, 1:]
+    return logp * m, entropy * m
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face config.json <-> ModelConfig, and checkpoint tensor names -> ours
+# ----------------------------------------------------------------------------------------------
+
+ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def cfg_type(cfg: ModelConfig):
+    """The HF model_type of a config: its family is told by which norms it has."""
+    return "gemma3_text" if cfg.qk_norm else "gemma2" if cfg.sandwich_norms else "gemma"
+
+
+def config_from_hf(hf: dict, max_seq_len=None) -> ModelConfig:
+    """Map a config.json (transformers 4.x or 5.x spelling) to ModelConfig; refuse what we can't run."""
+    model_type = hf.get("model_type")
+    if model_type == "gemma3" and "text_config" in hf:  # multimodal Gemma 3: keep its language model;
+        # HF's Gemma3ForConditionalGeneration never soft-caps the final logits (real configs: null)
+        hf, model_type = {**hf["text_config"], "final_logit_softcapping": None}, "gemma3_text"
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"unsupported model_type {model_type!r}: warp-min loads gemma, gemma2, gemma3_text "
+                         "and the language model of gemma3")
+    gemma1, gemma3 = model_type == "gemma", model_type == "gemma3_text"
+    activation = (hf.get("hidden_activation") or hf.get("hidden_act")) if gemma1 else hf.get("hidden_activation")
+    if activation not in ("gelu_pytorch_tanh", None) and not (gemma1 and activation == "gelu"):
+        raise ValueError(f"unsupported activation {activation!r} (Gemma uses gelu_pytorch_tanh)")
+    for key, refused in (("attention_bias", True), ("tie_word_embeddings", False), ("use_bidirectional_attention", True)):
+        if hf.get(key) == refused:
+            raise ValueError(f"unsupported config: {key}={refused}")
+    # RoPE: 5.x nests rope_parameters ({"full_attention": ..., "sliding_attention": ...} in Gemma 3);
+    # 4.x had rope_theta, rope_scaling and (Gemma 3) rope_local_base_freq at the top level
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 1e6 if gemma3 else 1e4),
+                                         **(hf.get("rope_scaling") or {})}
+    full, local = rope, None
+    if gemma3:
+        full = rope.get(FULL, rope)
+        local = (rope.get(SLIDING) or {}).get("rope_theta", hf.get("rope_local_base_freq", 1e4))
+    rope_type = full.get("rope_type", full.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise ValueError(f"unsupported rope type {rope_type!r}: warp-min implements 'default' and 'linear'")
+    n_layer = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types")
+    if layer_types is None and not gemma1:  # 4.x configs: every `pattern`-th layer is global
+        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)) if gemma3 else 2
+        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layer)]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=hf["num_attention_heads"],
+        n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]), d_model=hf["hidden_size"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        d_ff=hf["intermediate_size"], rope_theta=full["rope_theta"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_seq_len=max_seq_len or min(hf.get("max_position_embeddings", 8192), 8192),
+        query_pre_attn_scalar=None if gemma1 else hf.get("query_pre_attn_scalar", 256),
+        # HF's Gemma 3 attention ignores attn_logit_softcapping, so we do too
+        attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0) if model_type == "gemma2" else None,
+        final_logit_softcap=None if gemma1 else hf.get("final_logit_softcapping", 30.0 if not gemma3 else None),
+        sliding_window=None if gemma1 else hf.get("sliding_window", 4096),
+        layer_types=layer_types, sandwich_norms=not gemma1, qk_norm=gemma3, rope_local_theta=local,
+        rope_scaling_factor=full.get("factor", 1.0) if rope_type == "linear" else 1.0,
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """ModelConfig -> config.json dict in transformers 5.x spelling; refuse features the family lacks."""
+    model_type = cfg_type(cfg)
+    lost = {"gemma": ["attn_logit_softcap", "final_logit_softcap", "sliding_window", "rope_local_theta"],
+            "gemma2": ["rope_local_theta"], "gemma3_text": ["attn_logit_softcap"]}[model_type]
+    lost = [name for name in lost if getattr(cfg, name) is not None]
+    if model_type != "gemma3_text" and cfg.rope_scaling_factor != 1.0:
+        lost.append("rope_scaling_factor")
+    if model_type == "gemma" and cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
+        lost.append("query_pre_attn_scalar")
+    if cfg.qk_norm and not cfg.sandwich_norms:
+        lost.append("qk_norm without sandwich_norms")
+    if lost:
+        raise ValueError(f"a {model_type} config.json cannot express {', '.join(lost)}")
+    hf = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+          "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+          "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+          "max_position_embeddings": cfg.max_seq_len, "attention_bias": False, "tie_word_embeddings": True}
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if model_type == "gemma":
+        return {**hf, "hidden_act": "gelu_pytorch_tanh", "rope_parameters": rope}
+    hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+              final_logit_softcapping=cfg.final_logit_softcap, attn_logit_softcapping=cfg.attn_logit_softcap,
+              sliding_window=cfg.sliding_window or cfg.max_seq_len,  # HF builds a local mask even if unused
+              layer_types=list(cfg.layer_types or [FULL] * cfg.n_layer), rope_parameters=rope)
+    if model_type == "gemma3_text":
+        if cfg.rope_scaling_factor != 1.0:
+            rope = {"rope_type": "linear", "factor": cfg.rope_scaling_factor, "rope_theta": cfg.rope_theta}
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        hf["rope_parameters"] = {FULL: rope, SLIDING: local}
+    return hf
+
+
+def our_tensor_name(name):
+    """Checkpoint tensor name -> ours; None for tensors we skip (vision tower, multimodal projector)."""
+    for prefix, ours in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
+    if "vision_tower." in name or "multi_modal_projector." in name or name.endswith("rotary_emb.inv_freq"):
+        return None
+    return name

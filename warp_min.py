@@ -1,0 +1,674 @@
+"""warp-min: WARP (Weight Averaged Rewarded Policies, Rame et al. 2024, arXiv 2406.16768), minimal.
+
+Read top to bottom; each section is one step of the paper's Algorithm 1:
+
+    theta_init <- theta_sft
+    for i in 1..I:                                        # iterations          -> warp()
+        for m in 1..M (independent seeds):                # M RL fine-tunings   -> train_policy()
+            theta_m <- theta_init ; theta_ema <- theta_init
+            for t in 1..T:
+                y ~ pi_theta_m(.|x)                                             -> rl_step()
+                r_beta = r(x, y) - beta * log(pi_theta_m(y|x) / pi_theta_ema(y|x))
+                REINFORCE step on r_beta
+                theta_ema <- (1 - mu) * theta_ema + mu * theta_m                -> ema_update()
+        theta_slerp <- SLERP(theta_init, {theta_m}, lambda)   # per layer          -> slerp()
+        theta_init  <- (1 - eta) * theta_init + eta * theta_slerp                  -> liti()
+
+Every choice the paper leaves open is marked "choice:" (grep for it). The CLI is at the bottom:
+`python warp_min.py` runs the toy demo; `--help` lists every setting.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model import ModelConfig, Transformer, completion_logprobs, completion_mask
+from reward import quality, reward, reward_breakdown
+from toy_tasks import reviews
+from toy_tasks.tokenizer import decode, encode, eot_id
+
+# ----------------------------------------------------------------------------------------------
+# Weight-space operations: EMA, SLERP of task vectors, LITI. Pure functions on state dicts.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ema_update(anchor, online, mu):
+    """theta_ema <- (1 - mu) * theta_ema + mu * theta, in place (paper Sec. 3.1, the EMA anchor).
+
+    anchor, online: nn.Modules with the same parameter names (or state dicts of tensors). The
+    anchor may be kept in a wider dtype than the policy (bf16 policy, fp32 anchor): a bf16 update
+    with mu = 0.01 would round to zero.
+    """
+    anchor_sd = anchor.state_dict() if hasattr(anchor, "state_dict") else anchor
+    online_sd = online.state_dict() if hasattr(online, "state_dict") else online
+    for name, a in anchor_sd.items():
+        a.mul_(1.0 - mu).add_(online_sd[name].to(a.dtype), alpha=mu)
+
+
+def group_of(name, granularity):
+    """Which SLERP group a tensor belongs to.
+
+    "layer" (the paper's: "SLERP is applied layer by layer, each having a different angle"): all
+    tensors of one transformer block `...layers.N.*` share an angle; every tensor outside the
+    blocks (embeddings, final norm) is a group of its own. "tensor": one angle per tensor (what
+    mergekit's nuslerp does). "model": one angle for the whole network.
+    """
+    if granularity == "tensor":
+        return name
+    if granularity == "model":
+        return "model"
+    if granularity == "layer":
+        block = re.match(r"^(.*\blayers\.\d+)\.", name)
+        return block.group(1) if block else name
+    raise ValueError(f"unknown granularity {granularity!r} (choose layer, tensor or model)")
+
+
+@torch.no_grad()
+def tensor_gram(init, policies, chunk=1 << 18):
+    """Gram matrix G[a, b] = <delta_a, delta_b> of one tensor's task vectors delta_m = theta_m - theta_init.
+
+    Accumulated in float64, `chunk` elements at a time, so memory stays bounded for huge tensors
+    (fp32 reductions over ~1e8 elements drift by ~1e-2 relative). choice: chunks of 2^18 keep the
+    float64 matmul's own rounding below 1e-13 relative (it grows with the chunk length).
+    """
+    M = len(policies)
+    gram = torch.zeros(M, M, dtype=torch.float64)
+    flat_init = init.reshape(-1)
+    flat_pols = [p.reshape(-1) for p in policies]
+    for start in range(0, flat_init.numel(), chunk):
+        base = flat_init[start:start + chunk].to(torch.float64)
+        deltas = torch.stack([p[start:start + chunk].to(torch.float64) - base for p in flat_pols])
+        gram += (deltas @ deltas.T).cpu()
+    return gram
+
+
+def task_vector_gram(init, policies, granularity="layer"):
+    """{group: G} with G the float64 Gram matrix of the task vectors, summed over the group's tensors."""
+    grams = {}
+    for name, t in init.items():
+        g = group_of(name, granularity)
+        grams[g] = grams.get(g, 0) + tensor_gram(t, [p[name] for p in policies])
+    return grams
+
+
+def slerp_pair_weights(dot, norm_a, norm_b, lam, eps=1e-6):
+    """Coefficients (w_a, w_b) of SLERP between two task vectors (paper Eq. 3):
+
+        Omega = arccos(<d_a, d_b> / (|d_a| |d_b|))
+        slerp = theta_init + sin((1 - lam) Omega) / sin Omega * d_a + sin(lam Omega) / sin Omega * d_b
+
+    lam = 0 gives d_a, lam = 1 gives d_b. Falls back to LERP (1 - lam, lam) when a task vector is
+    zero or the two are (anti-)colinear (sin Omega < eps): never a division by zero.
+    Returns (w_a, w_b, omega, used_lerp).
+    """
+    if norm_a <= 0.0 or norm_b <= 0.0:
+        return 1.0 - lam, lam, float("nan"), True
+    cos = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+    omega = math.acos(cos)
+    if math.sin(omega) < eps:
+        return 1.0 - lam, lam, omega, True
+    s = math.sin(omega)
+    return math.sin((1.0 - lam) * omega) / s, math.sin(lam * omega) / s, omega, False
+
+
+def merge_coefficients(gram, lam=None, method="slerp"):
+    """Coefficients c (float64, one per policy) such that merged = theta_init + sum_m c_m delta_m.
+
+    M = 2: lam weights the second policy (None = 0.5). M > 2: sequential merging as in the paper,
+    the m-th policy (1-based) merged into the running result with lam = 1/m. Under LERP that gives
+    every policy weight 1/M, whatever the order. Under SLERP it does not: for orthogonal task vectors
+    of equal norm, M = 3 gives coefficients (0.612, 0.612, 0.5) -- the norm is kept, the weights are
+    not equal -- so the result depends on the order of the policies, orthogonal or not.
+    Because the running result is a linear combination of task vectors, every dot product it needs
+    comes from the Gram matrix alone -- which is what lets a streaming merge read each tensor twice
+    and never hold a whole model.
+    Returns (c, omegas, n_lerp_fallbacks).
+    """
+    M = gram.shape[0]
+    if lam is not None and M != 2:
+        raise ValueError(f"lam is only defined for M = 2 policies (got M = {M}); M > 2 uses 1/m")
+    c = torch.zeros(M, dtype=torch.float64)
+    c[0] = 1.0
+    omegas, fallbacks = [], 0
+    for m in range(1, M):
+        step_lam = (0.5 if lam is None else lam) if M == 2 else 1.0 / (m + 1)
+        if method == "lerp":
+            w_a, w_b = 1.0 - step_lam, step_lam
+        else:
+            dot = float(c @ gram[:, m])
+            norm_a = math.sqrt(max(float(c @ gram @ c), 0.0))
+            norm_b = math.sqrt(max(float(gram[m, m]), 0.0))
+            w_a, w_b, omega, used_lerp = slerp_pair_weights(dot, norm_a, norm_b, step_lam)
+            omegas.append(omega)
+            fallbacks += used_lerp
+        c = c * w_a
+        c[m] += w_b
+    return c, omegas, fallbacks
+
+
+@torch.no_grad()
+def combine(init, policies, coefficients):
+    """theta_init + sum_m c_m (theta_m - theta_init) for one tensor, returned in the input dtype."""
+    acc_dtype = torch.float64 if init.dtype == torch.float64 else torch.float32
+    base = init.to(acc_dtype)
+    out = base.clone()
+    for c, p in zip(coefficients.tolist(), policies):
+        out.add_(p.to(acc_dtype) - base, alpha=c)
+    return out.to(init.dtype)
+
+
+def _merge(init, policies, lam, granularity, method):
+    grams = task_vector_gram(init, policies, granularity)
+    coefs = {g: merge_coefficients(G, lam, method)[0] for g, G in grams.items()}
+    return {name: combine(t, [p[name] for p in policies], coefs[group_of(name, granularity)])
+            for name, t in init.items()}
+
+
+def slerp(init, policies, lam=None, granularity="layer"):
+    """SLERP of task vectors (paper Sec. 3.2): state dicts in (name -> tensor), a new state dict out.
+
+    One angle per group (see group_of); dot products and norms in float64 (task_vector_gram);
+    coefficients from merge_coefficients; output in the input dtype.
+    """
+    return _merge(init, policies, lam, granularity, "slerp")
+
+
+def lerp(init, policies, lam=None, granularity="layer"):
+    """Linear interpolation of task vectors, same signature as slerp (for comparison).
+
+    M = 2: theta_init + (1 - lam) d_1 + lam d_2; M > 2: the plain average of the policies.
+    """
+    return _merge(init, policies, lam, granularity, "lerp")
+
+
+@torch.no_grad()
+def liti(init, merged, eta):
+    """LITI (paper Sec. 3.3): theta_eta = (1 - eta) * theta_init + eta * theta_merged, per tensor."""
+    out = {}
+    for name, t in init.items():
+        acc = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+        out[name] = ((1.0 - eta) * acc + eta * merged[name].to(acc.dtype)).to(t.dtype)
+    return out
+
+
+def cosine_report(init, policies, granularity):
+    """Cosine similarity between the task vectors of the first two policies, per group."""
+    report = {}
+    for group, G in task_vector_gram(init, policies[:2], granularity).items():
+        denom = math.sqrt(float(G[0, 0]) * float(G[1, 1]))
+        report[group] = float(G[0, 1]) / denom if denom > 0 else float("nan")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: one dataclass; every field becomes a CLI flag whose help is the field's doc.
+# ----------------------------------------------------------------------------------------------
+
+
+def arg(default, doc):
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class Config:
+    # run
+    out: str = arg("", "output directory (default: runs/<preset>)")
+    cache_dir: str = arg("runs/.cache", "where theta_sft is cached, keyed by the SFT config")
+    seed: int = arg(0, "master seed: model init, data order, sampling and evaluation all derive from it")
+    device: str = arg("auto", "cpu, cuda or auto")
+    # the policy network (model.py)
+    n_layer: int = arg(4, "transformer blocks (= SLERP groups under granularity=layer)")
+    d_model: int = arg(128, "residual width")
+    n_head: int = arg(4, "query heads")
+    n_kv_head: int = arg(1, "key/value heads (1 = multi-query attention, as Gemma 2B)")
+    head_dim: int = arg(32, "width of one attention head")
+    d_ff: int = arg(512, "GeGLU hidden width")
+    # supervised pre-training on the toy corpus -> theta_sft
+    sft_steps: int = arg(600, "SFT optimizer steps")
+    sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW, linear warmup then cosine decay)")
+    sft_batch: int = arg(32, "SFT windows per step")
+    sft_seq_len: int = arg(64, "SFT window length in tokens")
+    sft_docs: int = arg(20000, "reviews in the SFT corpus")
+    # WARP (paper Algorithm 1)
+    iterations: int = arg(2, "I: WARP iterations (each: M runs -> SLERP -> LITI)")
+    runs: int = arg(2, "M: independent RL runs per iteration")
+    steps: int = arg(250, "T: RL steps per run")
+    beta: float = arg(0.1, "beta: KL coefficient in r_beta = r - beta * log(pi / pi_ema)")
+    mu: float = arg(0.01, "mu: EMA rate of the anchor, theta_ema <- (1-mu) theta_ema + mu theta")
+    lam: float = arg(0.5, "lambda: SLERP interpolation weight of the second policy (M = 2)")
+    eta: float = arg(0.3, "eta: LITI step, theta_init <- (1-eta) theta_init + eta theta_slerp")
+    granularity: str = arg("layer", "SLERP angle per: layer (paper), tensor (mergekit nuslerp) or model")
+    # the RL step
+    lr: float = arg(3e-4, "Adam learning rate after warmup")
+    warmup: int = arg(20, "linear learning-rate warmup steps")
+    grad_clip: float = arg(1.0, "gradient norm clipping")
+    prompts_per_step: int = arg(4, "distinct prompts per RL step")
+    samples_per_prompt: int = arg(4, "k completions per prompt (leave-one-out baseline needs k >= 2)")
+    temperature: float = arg(1.0, "sampling temperature (paper: 0.9)")
+    max_new_tokens: int = arg(32, "completion length limit in tokens")
+    log_every: int = arg(25, "print and log a training line every N steps")
+    # evaluation
+    eval_prompts: int = arg(128, "size of the fixed evaluation prompt set")
+    eval_samples: int = arg(2, "completions per evaluation prompt")
+    eval_every: int = arg(50, "evaluate each run every N steps (its trajectory on the Pareto plot)")
+    etas: str = arg("0,0.1,0.3,0.5,0.8,1", "eta values of the LITI front drawn for each iteration")
+    baseline: bool = arg(True, "also train plain RL with the SFT anchor (I*T steps) for comparison")
+
+
+PRESETS = {
+    # tests and a first look: must finish within ~60 s on 2 CPU cores
+    "quick": dict(n_layer=2, d_model=64, head_dim=16, d_ff=256, sft_steps=150, sft_docs=3000,
+                  iterations=1, steps=30, log_every=10, eval_every=15, eval_prompts=32, eval_samples=2,
+                  etas="0,0.5,1"),
+    # the README demo: within 5 minutes on 2 CPU cores
+    "default": dict(),
+}
+
+
+def run_seed(seed, iteration, run):
+    """Each run's seed depends only on (seed, iteration, run index) -- never on process layout."""
+    return seed * 1_000_003 + iteration * 1_009 + run
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_config(cfg: Config) -> ModelConfig:
+    return ModelConfig(vocab_size=len_vocab(), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_kv_head=cfg.n_kv_head, d_model=cfg.d_model, head_dim=cfg.head_dim, d_ff=cfg.d_ff,
+                       max_seq_len=cfg.sft_seq_len + cfg.max_new_tokens + 16)
+
+
+def len_vocab():
+    return eot_id() + 1
+
+
+def build_model(cfg: Config, state=None, device="cpu", seed=0):
+    model = Transformer(model_config(cfg), generator=torch.Generator().manual_seed(seed))
+    if state is not None:
+        model.load_state_dict(state)
+    return model.to(device)
+
+
+def clone_state(state):
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# theta_sft: supervised pre-training on the toy corpus (cached).
+# ----------------------------------------------------------------------------------------------
+
+
+def sft_cache_path(cfg: Config):
+    keys = ["seed", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "d_ff",
+            "sft_steps", "sft_lr", "sft_batch", "sft_seq_len", "sft_docs", "max_new_tokens"]
+    key = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+    return os.path.join(cfg.cache_dir, f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors")
+
+
+def warmup_cosine(step, warmup, total):
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_sft(cfg: Config, device, log=print):
+    """Next-token prediction on random windows of the corpus (nanoGPT-style). Returns theta_sft."""
+    from safetensors.torch import load_file, save_file
+    path = sft_cache_path(cfg)
+    if os.path.exists(path):
+        log(f"theta_sft: cached {path}")
+        return load_file(path)
+    gen = torch.Generator().manual_seed(run_seed(cfg.seed, -1, 0))
+    data = torch.tensor(encode(reviews.corpus(cfg.sft_docs, seed=cfg.seed)), dtype=torch.long)
+    model = build_model(cfg, device=device, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.sft_steps // 10, cfg.sft_steps))
+    t0 = time.time()
+    for step in range(cfg.sft_steps):
+        starts = torch.randint(0, len(data) - cfg.sft_seq_len - 1, (cfg.sft_batch,), generator=gen)
+        batch = torch.stack([data[s:s + cfg.sft_seq_len + 1] for s in starts.tolist()]).to(device)
+        logits = model(batch[:, :-1])                                             # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.sft_steps - 1:
+            log(f"sft step {step:4d}  loss {loss.item():.3f}  {time.time() - t0:5.1f}s")
+    state = cpu_state(model)
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(state, tmp)
+    os.replace(tmp, path)   # atomic: a killed run never leaves a half-written cache entry
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and scoring: the pieces shared by the RL step and evaluation.
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_batch(prompts, device):
+    """Encode prompts (all the same token length in the toy task) as a (B, T0) tensor."""
+    ids = [encode(reviews.EOT + p) for p in prompts]
+    if len({len(i) for i in ids}) != 1:
+        raise ValueError("prompts of different token lengths: this toy loop does not pad")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def sample(policy, prompts, cfg: Config, generator, device):
+    """Sample completions; returns tokens (B, T), mask (B, T), completion texts, finished flags."""
+    prompt_ids = prompt_batch(prompts, device)
+    policy.eval()
+    tokens = policy.generate(prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
+                             generator=generator, eos_id=eot_id())
+    mask = completion_mask(tokens, prompt_ids.shape[1], eot_id())
+    texts, finished = [], []
+    for row in tokens[:, prompt_ids.shape[1]:].tolist():
+        end = row.index(eot_id()) if eot_id() in row else len(row)
+        texts.append(decode(row[:end]).strip())
+        finished.append(end < len(row))
+    return tokens, mask, texts, finished
+
+
+def sequence_logprob(model, tokens, mask, cfg: Config):
+    """log pi(y|x): completion log-probabilities summed over tokens, (B,). Also per-token entropy."""
+    logp, entropy = completion_logprobs(model, tokens, 0, mask, cfg.temperature)
+    return logp.sum(-1), entropy
+
+
+@torch.no_grad()
+def evaluate(policy, sft_model, cfg: Config, device, prompts=None):
+    """Score a policy on the fixed evaluation set, with a fixed sampling seed.
+
+    Every model is scored on the same prompts with the same random numbers (so differences
+    between models are not sampling noise), and the generator is private: evaluating more or
+    less often never changes training. KL(pi || pi_sft) is the k1 estimator summed over the
+    completion's tokens, log pi(y|x) - log pi_sft(y|x) with y ~ pi, reported per sequence.
+    """
+    prompts = prompts or [p for p in reviews.eval_prompts(cfg.eval_prompts) for _ in range(cfg.eval_samples)]
+    gen = torch.Generator(device=device).manual_seed(run_seed(cfg.seed, -2, 0))
+    tokens, mask, texts, finished = sample(policy, prompts, cfg, gen, device)
+    logp, _ = sequence_logprob(policy, tokens, mask, cfg)
+    logp_sft, _ = sequence_logprob(sft_model, tokens, mask, cfg)
+    r, kl, q = reward(prompts, texts), (logp - logp_sft).cpu(), quality(prompts, texts, finished)
+    n = len(prompts)
+    return {"reward": r.mean().item(), "reward_se": r.std().item() / math.sqrt(n),
+            "kl": kl.mean().item(), "kl_se": kl.std().item() / math.sqrt(n), "quality": q.mean().item(),
+            **{f"r_{k}": v for k, v in reward_breakdown(prompts, texts).items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# One RL fine-tuning (the inner loop of Algorithm 1): REINFORCE on the KL-shaped reward,
+# with the EMA anchor updated after every step.
+# ----------------------------------------------------------------------------------------------
+
+
+def rl_step(policy, anchor, optimizer, prompts, cfg: Config, generator, device, sft_model=None):
+    """One policy-gradient step (paper Eq. 2 with the EMA anchor of Sec. 3.1). Returns stats.
+
+    r_beta(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ema(y|x))      sequence-level, whole completion
+    loss = -mean_i[ (r_beta_i - b_i) * log pi(y_i|x_i) ]              REINFORCE
+    """
+    t0 = time.time()
+    tokens, mask, texts, finished = sample(policy, prompts, cfg, generator, device)
+    policy.train()
+    logp, entropy = sequence_logprob(policy, tokens, mask, cfg)             # (B,), with gradient
+    with torch.no_grad():
+        logp_anchor, _ = sequence_logprob(anchor, tokens, mask, cfg)
+        kl_to_sft = (logp - sequence_logprob(sft_model, tokens, mask, cfg)[0]) if sft_model else None
+    r = reward(prompts, texts).to(device)
+    kl_to_anchor = (logp - logp_anchor).detach()            # k1 estimate of KL(pi || pi_ema), per sequence
+    reward_shaped = r - cfg.beta * kl_to_anchor
+    # choice: REINFORCE baseline = leave-one-out mean of the other k-1 samples of the same prompt
+    # (RLOO). It is unbiased (b_i does not depend on y_i) and needs no value network.
+    k = cfg.samples_per_prompt
+    grouped = reward_shaped.view(-1, k)                       # (prompts, k): samples of a prompt are adjacent
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    advantage = (grouped - baseline).view(-1)
+    loss = -(advantage * logp).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    optimizer.step()
+    ema_update(anchor, policy, cfg.mu)                        # theta_ema <- (1-mu) theta_ema + mu theta
+    n_tokens = int(mask.sum().item())
+    return {"reward": r.mean().item(), "reward_shaped": reward_shaped.mean().item(),
+            "kl_anchor": kl_to_anchor.mean().item(),
+            "kl_sft": kl_to_sft.mean().item() if kl_to_sft is not None else None,
+            "entropy": (entropy.sum() / mask[:, 1:].sum()).item(), "grad_norm": grad_norm.item(),
+            "tok_s": n_tokens / (time.time() - t0)}
+
+
+def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", tag=None, log=print, emit=None):
+    """One independent RL run from theta_init; returns its final weights and its final anchor.
+
+    No state is shared with other runs: models, optimizer and random generators are built here from
+    `seed`, so the M runs of an iteration can go to separate processes and give the same result.
+    anchor="ema": KL towards the EMA of the policy (WARP). anchor="sft": KL towards the fixed
+    theta_sft (plain RLHF, the baseline; mu is then 0). `emit(row)` receives logged metrics.
+    """
+    tag = tag or {}
+    device = resolve_device(cfg.device)
+    policy = build_model(cfg, init_state, device)
+    anchor_model = build_model(cfg, init_state if anchor == "ema" else sft_state, device).requires_grad_(False)
+    sft_model = build_model(cfg, sft_state, device).requires_grad_(False)
+    step_cfg = dataclasses.replace(cfg, mu=cfg.mu if anchor == "ema" else 0.0)
+    # choice: Adam with linear warmup then a constant rate, as the paper (no decay).
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    prompt_rng = random.Random(seed)
+    sample_gen = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        prompts = [p for p in reviews.train_prompts(cfg.prompts_per_step, prompt_rng)
+                   for _ in range(cfg.samples_per_prompt)]
+        logging = step % cfg.log_every == 0 or step == steps
+        stats = rl_step(policy, anchor_model, optimizer, prompts, step_cfg, sample_gen, device,
+                        sft_model if logging else None)
+        schedule.step()
+        if logging:
+            eta_s = (time.time() - t0) / step * (steps - step)
+            log(f"  {tag_str(tag)} step {step:4d}/{steps}  reward {stats['reward']:6.3f}  "
+                f"kl_anchor {stats['kl_anchor']:6.2f}  kl_sft {stats['kl_sft']:6.2f}  "
+                f"entropy {stats['entropy']:.2f}  {stats['tok_s']:6.0f} tok/s  ETA {eta_s:4.0f}s")
+            emit and emit({"kind": "train", **tag, "step": step, **stats})
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
+            emit and emit({"kind": "trajectory", **tag, "step": step, **evaluate(policy, sft_model, cfg, device)})
+    return cpu_state(policy), cpu_state(anchor_model)
+
+
+def cpu_state(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def tag_str(tag):
+    return " ".join(f"{k}={v}" for k, v in tag.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# WARP: I iterations of (M runs -> SLERP -> LITI), plus the evaluation of every stage.
+# ----------------------------------------------------------------------------------------------
+
+
+def warp(cfg: Config, log=print):
+    """Run the whole procedure on the toy task; returns a dict of results and writes cfg.out."""
+    device = resolve_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+
+    theta_sft = train_sft(cfg, device, log)
+    sft_model = build_model(cfg, theta_sft, device)
+    models = {"sft": theta_sft}
+    emit({"kind": "eval", "label": "theta_sft", "iteration": 0, **evaluate(sft_model, sft_model, cfg, device)})
+    etas = [float(e) for e in cfg.etas.split(",")]
+    theta_init = theta_sft
+    for it in range(1, cfg.iterations + 1):
+        log(f"iteration {it}/{cfg.iterations}: {cfg.runs} RL runs of {cfg.steps} steps from theta_init")
+        policies = [train_policy(cfg, theta_init, theta_sft, run_seed(cfg.seed, it, m), cfg.steps,
+                                 tag={"iteration": it, "run": m}, log=log, emit=emit)[0]
+                    for m in range(cfg.runs)]
+        if cfg.runs >= 2:  # the paper's observation: task vectors ~orthogonal, full weights ~identical
+            cos = {g: cosine_report(theta_init, policies, g) for g in ("model", "layer")}
+            cos_full = cosine_report({k: torch.zeros_like(v) for k, v in theta_init.items()}, policies, "model")
+            layer_cos = list(cos["layer"].values())
+            log(f"  task-vector cosine(run 0, run 1): model {cos['model']['model']:.3f}, per group "
+                f"{min(layer_cos):.3f}..{max(layer_cos):.3f}; full-weight cosine {cos_full['model']:.4f}")
+            emit({"kind": "cosine", "iteration": it, "task_vector": cos["model"]["model"],
+                  "task_vector_per_group": cos["layer"], "full_weights": cos_full["model"]})
+        theta_slerp = slerp(theta_init, policies, cfg.lam if cfg.runs == 2 else None, cfg.granularity)
+        # the LITI front of this iteration, drawn from theta_sft as in the paper's figures
+        for eta in etas:
+            point = evaluate(build_model(cfg, liti(theta_sft, theta_slerp, eta), device), sft_model, cfg, device)
+            emit({"kind": "front", "iteration": it, "eta": eta, **point})
+        emit({"kind": "eval", "label": f"iter {it} SLERP", "iteration": it,
+              **evaluate(build_model(cfg, theta_slerp, device), sft_model, cfg, device)})
+        theta_init = liti(theta_init, theta_slerp, cfg.eta)   # next iteration's init
+        emit({"kind": "eval", "label": f"iter {it} LITI (eta={cfg.eta})", "iteration": it,
+              **evaluate(build_model(cfg, theta_init, device), sft_model, cfg, device)})
+        log(f"  iteration {it}: " + row_str(rows[-2]) + " | " + row_str(rows[-1]))
+    models["warp"] = theta_init
+    save_safetensors(theta_init, os.path.join(cfg.out, "final.safetensors"))
+
+    if cfg.baseline:  # plain RL: fixed SFT anchor, same total number of steps as all WARP iterations
+        log(f"baseline: plain RL with the SFT anchor, {cfg.iterations * cfg.steps} steps")
+        models["plain"] = train_policy(cfg, theta_sft, theta_sft, run_seed(cfg.seed, 0, cfg.runs),
+                                       cfg.iterations * cfg.steps, anchor="sft",
+                                       tag={"iteration": 0, "run": "sft-anchor"}, log=log, emit=emit)[0]
+    metrics_file.close()
+    from toy_tasks.report import summarize
+    return summarize(cfg, rows, models, lambda state: build_model(cfg, state, device), log)
+
+
+def row_str(row):
+    return f"{row['label']}: reward {row['reward']:.3f}, KL {row['kl']:.2f}, quality {row['quality']:.2f}"
+
+
+def save_safetensors(state, path):
+    """Write a state dict atomically (temporary file, fsync, rename)."""
+    from safetensors.torch import save_file
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `python warp_min.py [demo] [--preset quick] [--flag value ...]`,
+#               `python warp_min.py merge --init A --policies B C --out D` (checkpoints.py).
+# ----------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line on stderr with exit status 2, never a traceback."""
+
+
+def validate(cfg: Config):
+    """One-line messages for settings that cannot work (checked before any work or write)."""
+    checks = [
+        (cfg.beta >= 0, "--beta", cfg.beta, "must be >= 0"),
+        (0 <= cfg.mu <= 1, "--mu", cfg.mu, "must be in [0, 1]"),
+        (0 <= cfg.lam <= 1, "--lam", cfg.lam, "must be in [0, 1]"),
+        (0 <= cfg.eta <= 1, "--eta", cfg.eta, "must be in [0, 1]"),
+        (cfg.runs >= 1, "--runs", cfg.runs, "must be >= 1"),
+        (cfg.iterations >= 1, "--iterations", cfg.iterations, "must be >= 1"),
+        (cfg.steps >= 1, "--steps", cfg.steps, "must be >= 1"),
+        (cfg.prompts_per_step >= 1, "--prompts-per-step", cfg.prompts_per_step, "must be >= 1"),
+        (cfg.samples_per_prompt >= 2, "--samples-per-prompt", cfg.samples_per_prompt,
+         "must be >= 2 (the leave-one-out baseline needs two samples per prompt)"),
+        (cfg.temperature > 0, "--temperature", cfg.temperature, "must be > 0"),
+        (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device", cfg.device,
+         "must be cpu, cuda or auto"),
+        (cfg.granularity in ("layer", "tensor", "model"), "--granularity", cfg.granularity,
+         "must be layer, tensor or model"),
+        (cfg.n_head % max(cfg.n_kv_head, 1) == 0 and cfg.n_kv_head >= 1, "--n-kv-head", cfg.n_kv_head,
+         "must be >= 1 and divide --n-head"),
+        (cfg.eval_prompts >= 2 and cfg.eval_samples >= 1, "--eval-prompts", cfg.eval_prompts, "must be >= 2"),
+    ]
+    for ok, flag, value, why in checks:
+        if not ok:
+            raise UsageError(f"{flag} {value}: {why}")
+    try:
+        etas = [float(e) for e in cfg.etas.split(",")]
+    except ValueError:
+        raise UsageError(f"--etas {cfg.etas!r}: must be comma-separated numbers")
+    if not all(0 <= e <= 1 for e in etas):
+        raise UsageError(f"--etas {cfg.etas!r}: every eta must be in [0, 1]")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: CUDA is not available on this machine")
+
+
+def parse_config(argv):
+    parser = argparse.ArgumentParser(
+        prog="warp_min.py demo", description="WARP on the toy review task: SFT, then I x (M RL runs -> "
+        "SLERP -> LITI), evaluation, a Pareto plot and a summary table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="starting settings: quick (~1 min, for tests) or default (the README demo)")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["doc"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=typ, default=None, help=f"{f.metadata['doc']} (default: {f.default!r})")
+    args = parser.parse_args(argv)
+    settings = {**PRESETS[args.preset],
+                **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}}
+    cfg = Config(**settings)
+    if not cfg.out:
+        cfg.out = os.path.join("runs", args.preset)
+    validate(cfg)
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not args.overwrite:
+        raise UsageError(f"--out {cfg.out}: directory exists and is not empty (pass --overwrite)")
+    return cfg
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "merge":
+        import checkpoints
+        return checkpoints.merge_cli(argv[1:])
+    if argv and argv[0] == "demo":
+        argv = argv[1:]
+    try:
+        cfg = parse_config(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_flush_denormal(True)   # tiny weights make denormals; they slow CPU matmuls many-fold
+    t0 = time.time()
+    warp(cfg)
+    print(f"done in {time.time() - t0:.0f}s; outputs in {cfg.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
