@@ -49,22 +49,22 @@ class ModelConfig:
     max_seq_len: int = 256    # longest sequence the rotary table is built for
     init_std: float = 0.02    # N(0, 0.02) init; N(0, 1) creates denormals that slow CPU matmuls
     # --- Gemma 2 / Gemma 3 features; the defaults switch every one of them off (= Gemma 1) ---
-    query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5; None = head_dim
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5; None = head_dim
     attn_logit_softcap: float | None = None     # Gemma 2: scores -> c * tanh(scores / c) before softmax
     final_logit_softcap: float | None = None    # Gemma 2/3: logits -> c * tanh(logits / c)
-    sliding_window: int | None = None           # a local layer's query sees this many positions (itself included)
-    layer_types: tuple | None = None            # per layer "sliding_attention" or "full_attention"; None = all full
-    sandwich_norms: bool = False                # Gemma 2/3: also RMSNorm each sublayer's output before the residual add
+    sliding_window: int | None = None           # local layers see this many positions (incl. own)
+    layer_types: tuple | None = None            # per layer sliding_attention/full_attention; None = all full
+    sandwich_norms: bool = False                # Gemma 2/3: RMSNorm each sublayer's output too
     qk_norm: bool = False                       # Gemma 3: RMSNorm on every query and key head before RoPE
     rope_local_theta: float | None = None       # Gemma 3: RoPE base of sliding layers; None = rope_theta
-    rope_scaling_factor: float = 1.0            # Gemma 3 "linear" RoPE scaling of full layers: angle = pos / factor
+    rope_scaling_factor: float = 1.0            # Gemma 3 "linear" RoPE scaling of full layers: pos / factor
 
     def __post_init__(self):
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
             assert len(self.layer_types) == self.n_layer, "need one layer type per layer"
             assert set(self.layer_types) <= {SLIDING, FULL}, f"layer types are {SLIDING!r} or {FULL!r}"
-            assert SLIDING not in self.layer_types or self.sliding_window, "sliding layers need sliding_window"
+            assert SLIDING not in self.layer_types or self.sliding_window, "sliding layers need a window"
 
     def is_sliding(self, layer):
         return self.layer_types is not None and self.layer_types[layer] == SLIDING
@@ -240,11 +240,10 @@ class Transformer(nn.Module):
         assert start_pos + T <= self.cfg.max_seq_len, f"sequence length {start_pos + T} > max_seq_len"
         x = self.model.embed_tokens(idx)                                       # (B, T, C)
         x = x * torch.tensor(math.sqrt(self.cfg.d_model), dtype=x.dtype)       # Gemma: scale by sqrt(d)
-        positions = slice(start_pos, start_pos + T)
-        rope = (self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype))
-        rope_local = rope
-        if self.cfg.rope_local_theta is not None:
-            rope_local = (self.rope_local_cos[positions].to(x.dtype), self.rope_local_sin[positions].to(x.dtype))
+        pos = slice(start_pos, start_pos + T)
+        rope = rope_local = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))
+        if self.cfg.rope_local_theta is not None:  # Gemma 3: sliding layers rotate with their own base
+            rope_local = (self.rope_local_cos[pos].to(x.dtype), self.rope_local_sin[pos].to(x.dtype))
         for i, block in enumerate(self.model.layers):
             cos, sin = rope_local if block.sliding else rope
             x = block(x, cos, sin, None if caches is None else caches[i])
@@ -282,7 +281,6 @@ class Transformer(nn.Module):
                 break
         return out
 
-
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, max_seq_len=None):
         """Load a Hugging Face Gemma checkpoint directory (gemma, gemma2, gemma3_text, or the language
@@ -292,20 +290,20 @@ class Transformer(nn.Module):
         cfg = config_from_hf(hf_io.read_config(path), max_seq_len)
         with torch.device("meta"):  # no random init, no memory: every parameter is overwritten below
             model = cls(cfg)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # "bfloat16" works too
         model = model.to(dtype or torch.float32).to_empty(device=device or "cpu")
         model.build_rope_tables(device)
         params = dict(model.named_parameters())
         loaded, lm_head = set(), None
         with torch.no_grad():
-            for file_name, tensor in hf_io.iter_tensors(path):
+            checkpoint = hf_io.iter_tensors(path, select=lambda name: our_tensor_name(name) is not None)
+            for file_name, tensor in checkpoint:
                 name = our_tensor_name(file_name)
-                if name is None:
-                    continue
                 if name == "lm_head.weight":
                     lm_head = tensor
                     continue
                 if name not in params:
-                    raise ValueError(f"unexpected tensor {file_name} in {path} (not part of a {cfg_type(cfg)} model)")
+                    raise ValueError(f"unexpected tensor {file_name} in {path} (not in a {cfg_type(cfg)})")
                 if tensor.shape != params[name].shape:
                     raise ValueError(f"shape mismatch for {file_name}: checkpoint has {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(params[name].shape)}")
@@ -316,8 +314,8 @@ class Transformer(nn.Module):
             raise ValueError(f"{path} lacks {len(missing)} tensors, e.g. {missing[0]}")
         embedding = model.model.embed_tokens.weight
         if lm_head is not None and not torch.equal(lm_head.to(embedding), embedding):
-            raise ValueError("lm_head.weight differs from model.embed_tokens.weight: warp-min ties the output "
-                             "projection to the embedding and cannot represent an untied head")
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight: warp-min ties the "
+                             "output projection to the embedding and cannot represent an untied head")
         return model
 
     def save_pretrained(self, path, max_shard_size="2GB"):
@@ -371,7 +369,12 @@ def completion_logprobs(model, tokens, prompt_len, mask, temperature=1.0):
 # Hugging Face config.json <-> ModelConfig, and checkpoint tensor names -> ours
 # ----------------------------------------------------------------------------------------------
 
-ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
+# multimodal Gemma 3 config.json files leave most text_config keys at transformers' defaults
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
+                            num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                            max_position_embeddings=131_072)
 
 
 def cfg_type(cfg: ModelConfig):
@@ -389,10 +392,16 @@ def config_from_hf(hf: dict, max_seq_len=None) -> ModelConfig:
         raise ValueError(f"unsupported model_type {model_type!r}: warp-min loads gemma, gemma2, gemma3_text "
                          "and the language model of gemma3")
     gemma1, gemma3 = model_type == "gemma", model_type == "gemma3_text"
-    activation = (hf.get("hidden_activation") or hf.get("hidden_act")) if gemma1 else hf.get("hidden_activation")
+    hf = {**GEMMA3_TEXT_DEFAULTS, **hf} if gemma3 else hf
+    missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if key not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+    activation = hf.get("hidden_activation") or (hf.get("hidden_act") if gemma1 else None)
     if activation not in ("gelu_pytorch_tanh", None) and not (gemma1 and activation == "gelu"):
         raise ValueError(f"unsupported activation {activation!r} (Gemma uses gelu_pytorch_tanh)")
-    for key, refused in (("attention_bias", True), ("tie_word_embeddings", False), ("use_bidirectional_attention", True)):
+    for key, refused in (("attention_bias", True), ("tie_word_embeddings", False),
+                         ("use_bidirectional_attention", True)):
         if hf.get(key) == refused:
             raise ValueError(f"unsupported config: {key}={refused}")
     # RoPE: 5.x nests rope_parameters ({"full_attention": ..., "sliding_attention": ...} in Gemma 3);
@@ -414,13 +423,13 @@ def config_from_hf(hf: dict, max_seq_len=None) -> ModelConfig:
     return ModelConfig(
         vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=hf["num_attention_heads"],
         n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]), d_model=hf["hidden_size"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        head_dim=hf.get("head_dim", 256),  # transformers' default for all three families
         d_ff=hf["intermediate_size"], rope_theta=full["rope_theta"], norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_seq_len=max_seq_len or min(hf.get("max_position_embeddings", 8192), 8192),
         query_pre_attn_scalar=None if gemma1 else hf.get("query_pre_attn_scalar", 256),
         # HF's Gemma 3 attention ignores attn_logit_softcapping, so we do too
         attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0) if model_type == "gemma2" else None,
-        final_logit_softcap=None if gemma1 else hf.get("final_logit_softcapping", 30.0 if not gemma3 else None),
+        final_logit_softcap=None if gemma1 else hf.get("final_logit_softcapping", None if gemma3 else 30.0),
         sliding_window=None if gemma1 else hf.get("sliding_window", 4096),
         layer_types=layer_types, sandwich_norms=not gemma1, qk_norm=gemma3, rope_local_theta=local,
         rope_scaling_factor=full.get("factor", 1.0) if rope_type == "linear" else 1.0,
@@ -449,7 +458,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if model_type == "gemma":
         return {**hf, "hidden_act": "gelu_pytorch_tanh", "rope_parameters": rope}
-    hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+    hf.update(hidden_activation="gelu_pytorch_tanh",
+              query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
               final_logit_softcapping=cfg.final_logit_softcap, attn_logit_softcapping=cfg.attn_logit_softcap,
               sliding_window=cfg.sliding_window or cfg.max_seq_len,  # HF builds a local mask even if unused
               layer_types=list(cfg.layer_types or [FULL] * cfg.n_layer), rope_parameters=rope)
