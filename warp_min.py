@@ -227,15 +227,16 @@ class Config:
     cache_dir: str = arg("runs/.cache", "where theta_sft is cached, keyed by the SFT config")
     seed: int = arg(0, "master seed: model init, data order, sampling and evaluation all derive from it")
     device: str = arg("auto", "cpu, cuda or auto")
+    threads: int = arg(1, "torch CPU threads (at toy size one is as fast as two, and never oversubscribes)")
     # the policy network (model.py)
     n_layer: int = arg(4, "transformer blocks (= SLERP groups under granularity=layer)")
     d_model: int = arg(128, "residual width")
     n_head: int = arg(4, "query heads")
-    n_kv_head: int = arg(1, "key/value heads (1 = multi-query attention, as Gemma 2B)")
+    n_kv_head: int = arg(4, "key/value heads (= n_head: multi-head, as Gemma 7B; 1 = multi-query, as Gemma 2B)")
     head_dim: int = arg(32, "width of one attention head")
     d_ff: int = arg(512, "GeGLU hidden width")
     # supervised pre-training on the toy corpus -> theta_sft
-    sft_steps: int = arg(600, "SFT optimizer steps")
+    sft_steps: int = arg(800, "SFT optimizer steps")
     sft_lr: float = arg(3e-3, "SFT peak learning rate (AdamW, linear warmup then cosine decay)")
     sft_batch: int = arg(32, "SFT windows per step")
     sft_seq_len: int = arg(64, "SFT window length in tokens")
@@ -243,7 +244,7 @@ class Config:
     # WARP (paper Algorithm 1)
     iterations: int = arg(2, "I: WARP iterations (each: M runs -> SLERP -> LITI)")
     runs: int = arg(2, "M: independent RL runs per iteration")
-    steps: int = arg(250, "T: RL steps per run")
+    steps: int = arg(200, "T: RL steps per run")
     beta: float = arg(0.1, "beta: KL coefficient in r_beta = r - beta * log(pi / pi_ema)")
     mu: float = arg(0.01, "mu: EMA rate of the anchor, theta_ema <- (1-mu) theta_ema + mu theta")
     lam: float = arg(0.5, "lambda: SLERP interpolation weight of the second policy (M = 2)")
@@ -253,7 +254,7 @@ class Config:
     lr: float = arg(3e-4, "Adam learning rate after warmup")
     warmup: int = arg(20, "linear learning-rate warmup steps")
     grad_clip: float = arg(1.0, "gradient norm clipping")
-    prompts_per_step: int = arg(4, "distinct prompts per RL step")
+    prompts_per_step: int = arg(2, "distinct prompts per RL step (small batches: noisier, more diverse runs)")
     samples_per_prompt: int = arg(4, "k completions per prompt (leave-one-out baseline needs k >= 2)")
     temperature: float = arg(1.0, "sampling temperature (paper: 0.9)")
     max_new_tokens: int = arg(32, "completion length limit in tokens")
@@ -269,7 +270,7 @@ class Config:
 PRESETS = {
     # tests and a first look: must finish within ~60 s on 2 CPU cores
     "quick": dict(n_layer=2, d_model=64, head_dim=16, d_ff=256, sft_steps=150, sft_docs=3000,
-                  iterations=1, steps=30, log_every=10, eval_every=15, eval_prompts=32, eval_samples=2,
+                  iterations=1, steps=40, lr=1e-3, log_every=10, eval_every=20, eval_prompts=32, eval_samples=2,
                   etas="0,0.5,1"),
     # the README demo: within 5 minutes on 2 CPU cores
     "default": dict(),
@@ -603,6 +604,7 @@ def validate(cfg: Config):
         (cfg.samples_per_prompt >= 2, "--samples-per-prompt", cfg.samples_per_prompt,
          "must be >= 2 (the leave-one-out baseline needs two samples per prompt)"),
         (cfg.temperature > 0, "--temperature", cfg.temperature, "must be > 0"),
+        (cfg.threads >= 1, "--threads", cfg.threads, "must be >= 1"),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device", cfg.device,
          "must be cpu, cuda or auto"),
         (cfg.granularity in ("layer", "tensor", "model"), "--granularity", cfg.granularity,
@@ -664,6 +666,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_flush_denormal(True)   # tiny weights make denormals; they slow CPU matmuls many-fold
+    torch.set_num_threads(cfg.threads)
     t0 = time.time()
     warp(cfg)
     print(f"done in {time.time() - t0:.0f}s; outputs in {cfg.out}/")
