@@ -108,3 +108,24 @@ def write_config(config, path):
 def dtype_name(dtype: torch.dtype):
     """torch.bfloat16 -> "bfloat16", the spelling config.json uses."""
     return str(dtype).removeprefix("torch.")
+
+
+# what a fine-tuned copy of a checkpoint shares with it, beyond the weights
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "generation_config.json")
+KEPT_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+
+
+def carry_over(source, path):
+    """Make the checkpoint just written to `path` a drop-in for `source`: copy source's tokenizer
+    files and generation config, and the config.json keys ModelConfig does not hold (token ids, and
+    max_position_embeddings, which ModelConfig caps to bound its rotary tables)."""
+    import shutil
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
+    original = read_config(source)
+    original = {**(original.get("text_config") or {}), **original}   # multimodal Gemma 3 nests these
+    config = read_config(path)
+    config.update({key: original[key] for key in KEPT_CONFIG_KEYS if key in original})
+    write_config(config, path)

@@ -340,13 +340,16 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
 
 
 def completion_mask(tokens, prompt_len, eos_id):
-    """1.0 on completion tokens up to and including the first eos, 0.0 on the prompt and after."""
-    completion = tokens[:, prompt_len:]
-    is_eos = (completion == eos_id).long()
+    """1.0 on completion tokens up to and including the first eos, 0.0 on the prompt and after.
+
+    prompt_len: an int (every row's prompt has that length) or a (B,) tensor of per-row lengths.
+    """
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    prompt_len = torch.as_tensor(prompt_len, device=tokens.device).reshape(-1, 1)   # (B, 1) or (1, 1)
+    in_completion = positions[None, :] >= prompt_len                                # (B, T)
+    is_eos = ((tokens == eos_id) & in_completion).long()
     after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0          # strictly after the first eos
-    mask = torch.zeros_like(tokens, dtype=torch.float32)
-    mask[:, prompt_len:] = (~after_eos).float()
-    return mask
+    return (in_completion & ~after_eos).float()
 
 
 def completion_logprobs(model, tokens, prompt_len, mask, temperature=1.0):

@@ -15,11 +15,13 @@ Read top to bottom; each section is one step of the paper's Algorithm 1:
         theta_init  <- (1 - eta) * theta_init + eta * theta_slerp                  -> liti()
 
 Every choice the paper leaves open is marked "choice:" (grep for it). The CLI is at the bottom:
-`python warp_min.py` runs the toy demo; `--help` lists every setting.
+`python warp_min.py` runs the toy demo; `--help` lists every setting; `--init DIR` starts the same
+loop from a Hugging Face Gemma checkpoint instead of the toy SFT model (theta_sft_of()).
 """
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -32,10 +34,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import ModelConfig, Transformer, completion_logprobs, completion_mask
+import hf_io
+from model import ModelConfig, Transformer, completion_logprobs, completion_mask, config_from_hf
 from reward import quality, reward, reward_breakdown
 from toy_tasks import reviews
-from toy_tasks.tokenizer import decode, encode, eot_id
+from toy_tasks.tokenizer import ToyTokenizer, encode, eot_id
 
 # ----------------------------------------------------------------------------------------------
 # Weight-space operations: EMA, SLERP of task vectors, LITI. Pure functions on state dicts.
@@ -88,7 +91,9 @@ def tensor_gram(init, policies, chunk=1 << 18):
     flat_pols = [p.reshape(-1) for p in policies]
     for start in range(0, flat_init.numel(), chunk):
         base = flat_init[start:start + chunk].to(torch.float64)
-        deltas = torch.stack([p[start:start + chunk].to(torch.float64) - base for p in flat_pols])
+        deltas = torch.empty(M, base.numel(), dtype=torch.float64, device=base.device)
+        for m, p in enumerate(flat_pols):          # fill in place: no per-policy temporaries
+            deltas[m].copy_(p[start:start + chunk]).sub_(base)
         gram += (deltas @ deltas.T).cpu()
     return gram
 
@@ -162,9 +167,9 @@ def combine(init, policies, coefficients):
     """theta_init + sum_m c_m (theta_m - theta_init) for one tensor, returned in the input dtype."""
     acc_dtype = torch.float64 if init.dtype == torch.float64 else torch.float32
     base = init.to(acc_dtype)
-    out = base.clone()
+    out, delta = base.clone(), torch.empty_like(base)
     for c, p in zip(coefficients.tolist(), policies):
-        out.add_(p.to(acc_dtype) - base, alpha=c)
+        out.add_(delta.copy_(p).sub_(base), alpha=c)
     return out.to(init.dtype)
 
 
@@ -227,7 +232,7 @@ class Config:
     cache_dir: str = arg("runs/.cache", "where theta_sft is cached, keyed by the SFT config")
     seed: int = arg(0, "master seed: model init, data order, sampling and evaluation all derive from it")
     device: str = arg("auto", "cpu, cuda or auto")
-    threads: int = arg(1, "torch CPU threads (at toy size one is as fast as two, and never oversubscribes)")
+    threads: int = arg(2, "torch CPU threads (SFT's larger batches use two; RL steps are as fast with one)")
     # the policy network (model.py)
     n_layer: int = arg(4, "transformer blocks (= SLERP groups under granularity=layer)")
     d_model: int = arg(128, "residual width")
@@ -265,6 +270,12 @@ class Config:
     eval_every: int = arg(50, "evaluate each run every N steps (its trajectory on the Pareto plot)")
     etas: str = arg("0,0.1,0.3,0.5,0.8,1", "eta values of the LITI front drawn for each iteration")
     baseline: bool = arg(True, "also train plain RL with the SFT anchor (I*T steps) for comparison")
+    # starting from a real checkpoint instead of the toy SFT model
+    init: str = arg("", "Hugging Face Gemma checkpoint directory (config.json, safetensors, tokenizer.json) "
+                    "used as theta_sft: SFT is skipped, the model flags (--n-layer .. --d-ff) and the --sft-* "
+                    "flags are ignored, prompts are encoded with its tokenizer; the task stays the toy reviews")
+    dtype: str = arg("auto", "policy weights: float32, bfloat16 (Adam and the EMA anchor then keep fp32 copies), "
+                     "or auto = float32 for the toy, the checkpoint's own dtype if bfloat16 with --init")
 
 
 PRESETS = {
@@ -289,6 +300,9 @@ def resolve_device(name):
 
 
 def model_config(cfg: Config) -> ModelConfig:
+    """The policy network's shape: the toy flags, or with --init the checkpoint's config.json."""
+    if cfg.init:
+        return config_from_hf(hf_io.read_config(cfg.init))
     return ModelConfig(vocab_size=len_vocab(), n_layer=cfg.n_layer, n_head=cfg.n_head,
                        n_kv_head=cfg.n_kv_head, d_model=cfg.d_model, head_dim=cfg.head_dim, d_ff=cfg.d_ff,
                        max_seq_len=cfg.sft_seq_len + cfg.max_new_tokens + 16)
@@ -298,11 +312,44 @@ def len_vocab():
     return eot_id() + 1
 
 
+@functools.lru_cache(maxsize=None)
+def load_tokenizer(init=""):
+    """The toy BPE, or with --init the checkpoint's tokenizer.json (hf_tokenizer.py). Both offer
+    encode_prompt(text), decode(ids) and eos_id, which is all sampling and evaluation use."""
+    if not init:
+        return ToyTokenizer()
+    import hf_tokenizer
+    return hf_tokenizer.load(init)
+
+
+def tokenizer(cfg: Config):
+    return load_tokenizer(cfg.init)
+
+
+def policy_dtype(cfg: Config):
+    """--dtype. choice: auto = float32 for the toy; with --init the checkpoint's dtype if it is
+    bfloat16 (released Gemmas are; the paper trains in bf16), else float32 (an fp16 policy would need
+    loss scaling, which warp-min does not do)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if cfg.init:
+        hf = hf_io.read_config(cfg.init)
+        saved = hf.get("dtype") or hf.get("torch_dtype") or (hf.get("text_config") or {}).get("dtype")
+        return torch.bfloat16 if saved == "bfloat16" else torch.float32
+    return torch.float32
+
+
 def build_model(cfg: Config, state=None, device="cpu", seed=0):
-    model = Transformer(model_config(cfg), generator=torch.Generator().manual_seed(seed))
-    if state is not None:
-        model.load_state_dict(state)
-    return model.to(device)
+    """A network holding `state`, in the policy dtype (--dtype); or, without a state, a random fp32
+    one from `seed` (the toy SFT's starting point)."""
+    if state is None:
+        return Transformer(model_config(cfg), generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.device("meta"):  # no random init that load_state_dict would overwrite (billions, for a real model)
+        model = Transformer(model_config(cfg))
+    model = model.to(policy_dtype(cfg)).to_empty(device=device)
+    model.build_rope_tables(device)   # the rotary tables are not in the state dict
+    model.load_state_dict(state)      # copies, rounding fp32 weights (master weights, EMA) to a bf16 policy
+    return model
 
 
 def clone_state(state):
@@ -361,31 +408,62 @@ def train_sft(cfg: Config, device, log=print):
     return state
 
 
+def theta_sft_of(cfg: Config, device, log=print):
+    """theta_sft in the policy dtype: the toy SFT model (trained or cached), or with --init the
+    checkpoint's weights as they are (it is taken to be SFT'd already; no SFT is run)."""
+    if cfg.init:
+        log(f"theta_sft: the checkpoint {cfg.init} ({str(policy_dtype(cfg)).removeprefix('torch.')}; SFT skipped)")
+        model = Transformer.from_pretrained(cfg.init, dtype=policy_dtype(cfg))   # on the CPU, as every state
+        return {name: t.detach() for name, t in model.state_dict().items()}
+    return {name: t.to(policy_dtype(cfg)) for name, t in train_sft(cfg, device, log).items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling and scoring: the pieces shared by the RL step and evaluation.
 # ----------------------------------------------------------------------------------------------
 
 
-def prompt_batch(prompts, device):
-    """Encode prompts (all the same token length in the toy task) as a (B, T0) tensor."""
-    ids = [encode(reviews.EOT + p) for p in prompts]
+def prompt_batch(prompts, device, tok=None):
+    """Encode prompts of one token length (every toy prompt) as a (B, T0) tensor; tok: the toy's by default."""
+    ids = [(tok or load_tokenizer()).encode_prompt(p) for p in prompts]
     if len({len(i) for i in ids}) != 1:
-        raise ValueError("prompts of different token lengths: this toy loop does not pad")
+        raise ValueError("prompts of different token lengths: sample() groups them by length")
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def sample(policy, prompts, cfg: Config, generator, device):
-    """Sample completions; returns tokens (B, T), mask (B, T), completion texts, finished flags."""
-    prompt_ids = prompt_batch(prompts, device)
+    """Sample completions; returns tokens (B, T), mask (B, T), completion texts, finished flags.
+
+    A real tokenizer gives prompts of different token lengths. They are sampled in groups of one
+    length, and the rows right-padded with eos into one batch whose mask starts at each row's own
+    prompt length and stops at its first eos or its last sampled token. No attention mask is
+    needed: the model is causal, so padding after a row never changes the log-probabilities of the
+    row's own tokens. (The toy prompts all have one token length: one group, no padding.)
+    """
+    tok = tokenizer(cfg)
+    prompt_ids = [tok.encode_prompt(p) for p in prompts]
+    groups = {}                                                           # prompt length -> row indices
+    for i, ids in enumerate(prompt_ids):
+        groups.setdefault(len(ids), []).append(i)
     policy.eval()
-    tokens = policy.generate(prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
-                             generator=generator, eos_id=eot_id())
-    mask = completion_mask(tokens, prompt_ids.shape[1], eot_id())
+    rows = [None] * len(prompts)
+    for index in groups.values():
+        batch = torch.tensor([prompt_ids[i] for i in index], dtype=torch.long, device=device)     # (b, T0)
+        sampled = policy.generate(batch, cfg.max_new_tokens, temperature=cfg.temperature,
+                                  generator=generator, eos_id=tok.eos_id)
+        for i, row in zip(index, sampled):
+            rows[i] = row
+    tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tok.eos_id)  # (B, T)
+    prompt_len = torch.tensor([len(ids) for ids in prompt_ids], device=device)
+    sampled_len = torch.tensor([len(row) for row in rows], device=device)
+    positions = torch.arange(tokens.shape[1], device=device)
+    mask = completion_mask(tokens, prompt_len, tok.eos_id) * (positions[None, :] < sampled_len[:, None])
     texts, finished = [], []
-    for row in tokens[:, prompt_ids.shape[1]:].tolist():
-        end = row.index(eot_id()) if eot_id() in row else len(row)
-        texts.append(decode(row[:end]).strip())
-        finished.append(end < len(row))
+    for row, start in zip(rows, prompt_len.tolist()):
+        completion = row[start:].tolist()
+        end = completion.index(tok.eos_id) if tok.eos_id in completion else len(completion)
+        texts.append(tok.decode(completion[:end]).strip())
+        finished.append(end < len(completion))
     return tokens, mask, texts, finished
 
 
@@ -422,11 +500,46 @@ def evaluate(policy, sft_model, cfg: Config, device, prompts=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def rl_step(policy, anchor, optimizer, prompts, cfg: Config, generator, device, sft_model=None):
+class MixedPrecision:
+    """fp32 master weights and an fp32 EMA anchor for a bf16 policy.
+
+    Adam updates `master`, an fp32 copy of the policy's parameters, which is then copied (rounded)
+    into the bf16 policy: a step of lr 1e-6 is far below bf16's resolution (~0.4% of a weight) and
+    applied to bf16 weights would mostly round away. `ema` is the anchor theta_ema in fp32, for the
+    same reason: in bf16, theta_ema + mu (theta - theta_ema) with mu = 0.01 rounds back to theta_ema.
+    choice: the EMA averages the fp32 master weights (the optimizer's theta), not their bf16 copy.
+    choice: forward passes of the anchor use a bf16 copy of `ema`, refreshed every step, so the KL
+    compares two models computed at the same precision (an fp32 anchor against a bf16 policy would
+    show a KL made of rounding noise at step 1, when both hold the same weights).
+    """
+
+    def __init__(self, policy, anchor):
+        self.master = {name: p.detach().float().clone().requires_grad_() for name, p in policy.named_parameters()}
+        self.ema = {name: t.detach().float().clone() for name, t in anchor.state_dict().items()}
+
+    @torch.no_grad()
+    def step(self, policy, anchor, optimizer, grad_clip, mu):
+        """Clip and Adam-step in fp32, copy into the policy, EMA in fp32, refresh the anchor; returns the grad norm."""
+        for name, p in policy.named_parameters():
+            self.master[name].grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.master.values()), grad_clip)
+        optimizer.step()
+        for name, p in policy.named_parameters():
+            p.copy_(self.master[name])
+        ema_update(self.ema, self.master, mu)                 # theta_ema <- (1-mu) theta_ema + mu theta, fp32
+        for name, a in anchor.state_dict().items():
+            a.copy_(self.ema[name])
+        return grad_norm
+
+
+def rl_step(policy, anchor, optimizer, prompts, cfg: Config, generator, device, sft_model=None, mixed=None):
     """One policy-gradient step (paper Eq. 2 with the EMA anchor of Sec. 3.1). Returns stats.
 
     r_beta(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ema(y|x))      sequence-level, whole completion
     loss = -mean_i[ (r_beta_i - b_i) * log pi(y_i|x_i) ]              REINFORCE
+
+    mixed: a MixedPrecision when the policy is bf16 (the optimizer then holds its fp32 master weights).
     """
     t0 = time.time()
     tokens, mask, texts, finished = sample(policy, prompts, cfg, generator, device)
@@ -447,9 +560,12 @@ def rl_step(policy, anchor, optimizer, prompts, cfg: Config, generator, device, 
     loss = -(advantage * logp).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    optimizer.step()
-    ema_update(anchor, policy, cfg.mu)                        # theta_ema <- (1-mu) theta_ema + mu theta
+    if mixed is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ema_update(anchor, policy, cfg.mu)                    # theta_ema <- (1-mu) theta_ema + mu theta
+    else:                                                     # bf16 policy: the same three lines in fp32
+        grad_norm = mixed.step(policy, anchor, optimizer, cfg.grad_clip, cfg.mu)
     n_tokens = int(mask.sum().item())
     return {"reward": r.mean().item(), "reward_shaped": reward_shaped.mean().item(),
             "kl_anchor": kl_to_anchor.mean().item(),
@@ -459,7 +575,8 @@ def rl_step(policy, anchor, optimizer, prompts, cfg: Config, generator, device, 
 
 
 def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", tag=None, log=print, emit=None):
-    """One independent RL run from theta_init; returns its final weights and its final anchor.
+    """One independent RL run from theta_init; returns its final weights and its final anchor
+    (for a bf16 policy: the fp32 master weights and the fp32 EMA, see MixedPrecision).
 
     No state is shared with other runs: models, optimizer and random generators are built here from
     `seed`, so the M runs of an iteration can go to separate processes and give the same result.
@@ -472,8 +589,10 @@ def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", 
     anchor_model = build_model(cfg, init_state if anchor == "ema" else sft_state, device).requires_grad_(False)
     sft_model = build_model(cfg, sft_state, device).requires_grad_(False)
     step_cfg = dataclasses.replace(cfg, mu=cfg.mu if anchor == "ema" else 0.0)
+    low_precision = policy.model.embed_tokens.weight.dtype != torch.float32
+    mixed = MixedPrecision(policy, anchor_model) if low_precision else None
     # choice: Adam with linear warmup then a constant rate, as the paper (no decay).
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(mixed.master.values() if mixed else policy.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     prompt_rng = random.Random(seed)
     sample_gen = torch.Generator(device=device).manual_seed(seed)
@@ -483,7 +602,7 @@ def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", 
                    for _ in range(cfg.samples_per_prompt)]
         logging = step % cfg.log_every == 0 or step == steps
         stats = rl_step(policy, anchor_model, optimizer, prompts, step_cfg, sample_gen, device,
-                        sft_model if logging else None)
+                        sft_model if logging else None, mixed)
         schedule.step()
         if logging:
             eta_s = (time.time() - t0) / step * (steps - step)
@@ -493,6 +612,10 @@ def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", 
             emit and emit({"kind": "train", **tag, "step": step, **stats})
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
             emit and emit({"kind": "trajectory", **tag, "step": step, **evaluate(policy, sft_model, cfg, device)})
+    if mixed:  # choice: a bf16 run's theta_m is its fp32 master weights, so its task vector (lr 1e-6
+        # steps) is not swamped by bf16 rounding; merges still come out in theta_init's dtype (bf16)
+        return ({k: v.detach().cpu().clone() for k, v in mixed.master.items()},
+                {k: v.cpu().clone() for k, v in mixed.ema.items()})
     return cpu_state(policy), cpu_state(anchor_model)
 
 
@@ -510,7 +633,8 @@ def tag_str(tag):
 
 
 def warp(cfg: Config, log=print):
-    """Run the whole procedure on the toy task; returns a dict of results and writes cfg.out."""
+    """Run the whole procedure on the toy task (from the toy SFT model, or from the --init checkpoint);
+    returns a dict of results and writes cfg.out."""
     device = resolve_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -523,7 +647,7 @@ def warp(cfg: Config, log=print):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
 
-    theta_sft = train_sft(cfg, device, log)
+    theta_sft = theta_sft_of(cfg, device, log)   # the toy SFT model, or the --init checkpoint
     sft_model = build_model(cfg, theta_sft, device)
     models = {"sft": theta_sft}
     emit({"kind": "eval", "label": "theta_sft", "iteration": 0, **evaluate(sft_model, sft_model, cfg, device)})
@@ -554,7 +678,10 @@ def warp(cfg: Config, log=print):
               **evaluate(build_model(cfg, theta_init, device), sft_model, cfg, device)})
         log(f"  iteration {it}: " + row_str(rows[-2]) + " | " + row_str(rows[-1]))
     models["warp"] = theta_init
-    save_safetensors(theta_init, os.path.join(cfg.out, "final.safetensors"))
+    if cfg.init:  # choice: a checkpoint run writes a Hugging Face directory (instead of final.safetensors)
+        save_checkpoint(build_model(cfg, theta_init), cfg.init, os.path.join(cfg.out, "final"))
+    else:
+        save_safetensors(theta_init, os.path.join(cfg.out, "final.safetensors"))
 
     if cfg.baseline:  # plain RL: fixed SFT anchor, same total number of steps as all WARP iterations
         log(f"baseline: plain RL with the SFT anchor, {cfg.iterations * cfg.steps} steps")
@@ -563,7 +690,8 @@ def warp(cfg: Config, log=print):
                                        tag={"iteration": 0, "run": "sft-anchor"}, log=log, emit=emit)[0]
     metrics_file.close()
     from toy_tasks.report import summarize
-    return summarize(cfg, rows, models, lambda state: build_model(cfg, state, device), log)
+    return summarize(cfg, rows, models, lambda state: build_model(cfg, state, device), sample,
+                     run_seed(cfg.seed, -3, 0), log)
 
 
 def row_str(row):
@@ -578,6 +706,13 @@ def save_safetensors(state, path):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_checkpoint(model, source, path):
+    """The final model of an --init run as a Hugging Face directory that transformers loads:
+    config.json + safetensors in the policy dtype, with the tokenizer files and token ids of `source`."""
+    model.save_pretrained(path)
+    hf_io.carry_over(source, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,6 +747,7 @@ def validate(cfg: Config):
         (cfg.n_head % max(cfg.n_kv_head, 1) == 0 and cfg.n_kv_head >= 1, "--n-kv-head", cfg.n_kv_head,
          "must be >= 1 and divide --n-head"),
         (cfg.eval_prompts >= 2 and cfg.eval_samples >= 1, "--eval-prompts", cfg.eval_prompts, "must be >= 2"),
+        (cfg.dtype in ("auto", "float32", "bfloat16"), "--dtype", cfg.dtype, "must be float32, bfloat16 or auto"),
     ]
     for ok, flag, value, why in checks:
         if not ok:
@@ -624,13 +760,39 @@ def validate(cfg: Config):
         raise UsageError(f"--etas {cfg.etas!r}: every eta must be in [0, 1]")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if cfg.init:
+        validate_checkpoint(cfg)
+
+
+def validate_checkpoint(cfg: Config):
+    """--init DIR: a Gemma checkpoint we can run, with a tokenizer whose ids fit its embedding."""
+    if not os.path.isdir(cfg.init):
+        raise UsageError(f"--init {cfg.init}: not a directory")
+    try:
+        model_cfg = model_config(cfg)      # config.json exists and is a Gemma warp-min runs
+        hf_io.shard_files(cfg.init)        # the weights exist (shapes are checked when they are loaded)
+        tok = tokenizer(cfg)               # tokenizer.json, the tokenizers package and an eos id
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--init {cfg.init}: {e}") from None
+    if tok.vocab_size > model_cfg.vocab_size or tok.eos_id >= model_cfg.vocab_size:
+        raise UsageError(f"--init {cfg.init}: the tokenizer has {tok.vocab_size} tokens (eos {tok.eos_id}), "
+                         f"more than the model's vocab_size {model_cfg.vocab_size}")
+    longest = max(len(tok.encode_prompt(p)) for p in reviews.all_prompts()) + cfg.max_new_tokens
+    if longest > model_cfg.max_seq_len:
+        raise UsageError(f"--max-new-tokens {cfg.max_new_tokens}: prompt + completion ({longest} tokens) "
+                         f"exceeds the checkpoint's context of {model_cfg.max_seq_len}")
 
 
 def parse_config(argv):
     parser = argparse.ArgumentParser(
         prog="warp_min.py demo", description="WARP on the toy review task: SFT, then I x (M RL runs -> "
         "SLERP -> LITI), evaluation, a Pareto plot and a summary table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="--init DIR starts from a Hugging Face Gemma checkpoint instead of the toy SFT model: "
+        "theta_sft = its weights (no SFT), the network comes from DIR/config.json (the model flags --n-layer "
+        ".. --d-ff and the --sft-* flags are ignored), prompts are encoded and completions decoded with "
+        "DIR/tokenizer.json (needs the optional tokenizers package), the task and reward stay the toy reviews, "
+        "and the final model is written as a Hugging Face directory OUT/final/.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="starting settings: quick (~1 min, for tests) or default (the README demo)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")

@@ -131,6 +131,15 @@ def test_ranks_file_is_what_training_produces():
     assert tokenizer.train_ranks() == tokenizer.get_tokenizer()._mergeable_ranks
 
 
+def test_worked_examples_in_the_toy_task_docstring():
+    """The rewards quoted in toy_tasks/__init__.py's worked examples are what reward.py computes."""
+    import doctest
+
+    import toy_tasks
+    result = doctest.testmod(toy_tasks, verbose=False)
+    assert result.attempted >= 8 and result.failed == 0, result
+
+
 def test_grammar_accepts_the_corpus_and_rejects_spam():
     """is_grammatical accepts every generated review and rejects a degenerate one."""
     docs = [d for d in reviews.corpus(200, seed=5).split(reviews.EOT) if d]

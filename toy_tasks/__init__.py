@@ -10,12 +10,17 @@ A prompt is a review header plus two words; the policy writes the rest:
 >>> from reward import reward, quality
 >>> prompt = "phone review : the battery"
 
-A typical completion of theta_sft: grammatical, mixed sentiment, and -- the SFT model only half
-learned that aspects must match the domain -- a hotel aspect in a phone review:
+A typical completion of theta_sft: grammatical, mixed sentiment, short:
 
->>> sft = "is poor . i think the room is okay ."
+>>> sft = "is poor . i think the camera is okay ."
 >>> round(reward([prompt], [sft]).item(), 3), quality([prompt], [sft], [True]).item()
-(-1.0, 1.0)
+(-0.2, 1.0)
+
+An aspect of the other domain is off-topic: penalised by the reward, rejected by the grammar:
+
+>>> off_topic = "is poor . i think the room is okay ."
+>>> round(reward([prompt], [off_topic]).item(), 3), quality([prompt], [off_topic], [True]).item()
+(-1.0, 0.0)
 
 A good completion: positive, covers three phone aspects, recommends, about 16 words:
 

@@ -28,7 +28,8 @@ def plot_pareto(rows, path, title="WARP on the toy review task"):
     for it, color in zip(iterations, colors):
         traj = [r for r in rows if r["kind"] == "trajectory" and r["iteration"] == it]
         for run in sorted({r["run"] for r in traj}, key=str):
-            pts = [(0.0, sft["reward"])] if it == 1 else []
+            start = [r for r in rows if r["kind"] == "eval" and r["iteration"] == it - 1][-1]   # theta_init
+            pts = [(start["kl"], start["reward"])]
             pts += [(r["kl"], r["reward"]) for r in traj if r["run"] == run]
             ax.plot(*zip(*pts), color=color, alpha=0.3, lw=1, marker=".", ms=3)
         front = sorted((r for r in rows if r["kind"] == "front" and r["iteration"] == it), key=lambda r: r["eta"])
@@ -83,27 +84,31 @@ def table(rows):
 
 
 @torch.no_grad()
-def completions(cfg, models, build, n=3):
-    """A few completions of the same evaluation prompts by each model, same sampling seed."""
+def completions(cfg, models, build, sample, seed, n=3):
+    """A few completions of the same evaluation prompts by each model, same sampling seed.
+
+    `sample` is warp_min.sample, passed in: importing warp_min here would load a second copy of
+    it when it runs as a script.
+    """
     from toy_tasks.reviews import eval_prompts
-    from warp_min import run_seed, sample
     prompts = eval_prompts(cfg.eval_prompts)[:n]
     out = {}
     for name, state in models.items():
         model = build(state)
         device = next(model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(run_seed(cfg.seed, -3, 0))
+        gen = torch.Generator(device=device).manual_seed(seed)
         _, _, texts, finished = sample(model, prompts, cfg, gen, device)
         out[name] = [(p, t + ("" if f else " …")) for p, t, f in zip(prompts, texts, finished)]
     return out
 
 
-def summarize(cfg, rows, models, build, log=print):
+def summarize(cfg, rows, models, build, sample, seed, log=print):
     """Write pareto.png and summary.md into cfg.out, print the table and completions; return results."""
     plot_pareto(rows, os.path.join(cfg.out, "pareto.png"))
     md, warp_final, plain_near = table(rows)
     names = {"sft": "theta_sft", "plain": "plain RL (SFT anchor, end)", "warp": "WARP (final LITI model)"}
-    samples = completions(cfg, models, build)
+    models = {k: models[k] for k in names if k in models}   # fixed order: sft, plain, warp
+    samples = completions(cfg, models, build, sample, seed)
     text = [md, "", "Completions (same prompts, same sampling seed):", ""]
     for key, pairs in samples.items():
         for prompt, completion in pairs:

@@ -62,6 +62,21 @@ def decode(ids):
     return get_tokenizer().decode(list(ids))
 
 
+class ToyTokenizer:
+    """What sampling and evaluation in warp_min.py need from a tokenizer. A checkpoint's tokenizer
+    (hf_tokenizer.HFTokenizer, for --init) has the same members, so the RL loop runs on either."""
+
+    eos_id = property(lambda self: eot_id())   # ends a completion
+    vocab_size = property(lambda self: eot_id() + 1)
+
+    def encode_prompt(self, text):
+        """A prompt as the start of a document: <|endoftext|> (which starts every document) + text."""
+        return encode(EOT + text)
+
+    def decode(self, ids):
+        return decode(ids)
+
+
 if __name__ == "__main__":
     digest = write_ranks(train_ranks())
     print(f"wrote {RANKS_FILE}\nRANKS_SHA256 = \"{digest}\"")
