@@ -332,6 +332,8 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
+    # a diverged policy (non-finite logits) samples uniformly in that row; its RL step is then skipped
+    logits = torch.where(torch.isfinite(logits).all(-1, keepdim=True), logits, torch.zeros_like(logits))
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 import hf_io
+import resume as resume_io
 from model import ModelConfig, Transformer, completion_logprobs, completion_mask, config_from_hf
 from reward import quality, reward, reward_breakdown
 from toy_tasks import reviews
@@ -99,9 +100,13 @@ def tensor_gram(init, policies, chunk=1 << 18):
 
 
 def task_vector_gram(init, policies, granularity="layer"):
-    """{group: G} with G the float64 Gram matrix of the task vectors, summed over the group's tensors."""
+    """{group: G} with G the float64 Gram matrix of the task vectors, summed over the group's tensors.
+
+    Summed in sorted name order, so the bits do not depend on the order of the dict (a state dict
+    read back from a file comes out sorted).
+    """
     grams = {}
-    for name, t in init.items():
+    for name, t in sorted(init.items()):
         g = group_of(name, granularity)
         grams[g] = grams.get(g, 0) + tensor_gram(t, [p[name] for p in policies])
     return grams
@@ -270,6 +275,11 @@ class Config:
     eval_every: int = arg(50, "evaluate each run every N steps (its trajectory on the Pareto plot)")
     etas: str = arg("0,0.1,0.3,0.5,0.8,1", "eta values of the LITI front drawn for each iteration")
     baseline: bool = arg(True, "also train plain RL with the SFT anchor (I*T steps) for comparison")
+    # crash safety
+    checkpoint_every: int = arg(50, "write OUT/checkpoint.safetensors every N RL steps and after every run "
+                                "(0: only after runs); `demo --resume OUT` continues from it")
+    max_skips: int = arg(10, "stop after this many consecutive steps with a non-finite loss or gradient")
+    allow_extrapolation: bool = arg(False, "allow --eta / --etas above 1 (LITI then extrapolates past the merge)")
     # starting from a real checkpoint instead of the toy SFT model
     init: str = arg("", "Hugging Face Gemma checkpoint directory (config.json, safetensors, tokenizer.json) "
                     "used as theta_sft: SFT is skipped, the model flags (--n-layer .. --d-ff) and the --sft-* "
@@ -524,6 +534,8 @@ class MixedPrecision:
             self.master[name].grad = None if p.grad is None else p.grad.float()
             p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.master.values()), grad_clip)
+        if not torch.isfinite(grad_norm):                  # skipped step: nothing changes
+            return grad_norm
         optimizer.step()
         for name, p in policy.named_parameters():
             p.copy_(self.master[name])
@@ -562,19 +574,23 @@ def rl_step(policy, anchor, optimizer, prompts, cfg: Config, generator, device, 
     loss.backward()
     if mixed is None:
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema_update(anchor, policy, cfg.mu)                    # theta_ema <- (1-mu) theta_ema + mu theta
+        skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if not skipped:                                       # a non-finite step changes nothing
+            optimizer.step()
+            ema_update(anchor, policy, cfg.mu)                # theta_ema <- (1-mu) theta_ema + mu theta
     else:                                                     # bf16 policy: the same three lines in fp32
         grad_norm = mixed.step(policy, anchor, optimizer, cfg.grad_clip, cfg.mu)
+        skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
     n_tokens = int(mask.sum().item())
     return {"reward": r.mean().item(), "reward_shaped": reward_shaped.mean().item(),
             "kl_anchor": kl_to_anchor.mean().item(),
             "kl_sft": kl_to_sft.mean().item() if kl_to_sft is not None else None,
-            "entropy": (entropy.sum() / mask[:, 1:].sum()).item(), "grad_norm": grad_norm.item(),
+            "entropy": (entropy.sum() / mask[:, 1:].sum()).item(), "grad_norm": grad_norm.item(), "skipped": skipped,
             "tok_s": n_tokens / (time.time() - t0)}
 
 
-def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", tag=None, log=print, emit=None):
+def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", tag=None, log=print, emit=None,
+                 resume=None, on_checkpoint=None):
     """One independent RL run from theta_init; returns its final weights and its final anchor
     (for a bf16 policy: the fp32 master weights and the fp32 EMA, see MixedPrecision).
 
@@ -582,6 +598,8 @@ def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", 
     `seed`, so the M runs of an iteration can go to separate processes and give the same result.
     anchor="ema": KL towards the EMA of the policy (WARP). anchor="sft": KL towards the fixed
     theta_sft (plain RLHF, the baseline; mu is then 0). `emit(row)` receives logged metrics.
+    Crash safety (resume.py): every cfg.checkpoint_every steps the run's whole state goes to
+    `on_checkpoint`; `resume` is such a state, from which the run continues bit for bit.
     """
     tag = tag or {}
     device = resolve_device(cfg.device)
@@ -596,27 +614,45 @@ def train_policy(cfg: Config, init_state, sft_state, seed, steps, anchor="ema", 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     prompt_rng = random.Random(seed)
     sample_gen = torch.Generator(device=device).manual_seed(seed)
+    done, skips = 0, 0
+    if resume is not None:
+        done, skips = resume_io.unpack_run(*resume, policy, anchor_model, optimizer, schedule, prompt_rng,
+                                           sample_gen, mixed)
     t0 = time.time()
-    for step in range(1, steps + 1):
+    for step in range(done + 1, steps + 1):
         prompts = [p for p in reviews.train_prompts(cfg.prompts_per_step, prompt_rng)
                    for _ in range(cfg.samples_per_prompt)]
         logging = step % cfg.log_every == 0 or step == steps
         stats = rl_step(policy, anchor_model, optimizer, prompts, step_cfg, sample_gen, device,
                         sft_model if logging else None, mixed)
         schedule.step()
+        skips = skips + 1 if stats["skipped"] else 0
+        if stats["skipped"]:
+            log(f"  {tag_str(tag)} step {step}: non-finite loss or gradient, step skipped ({skips} in a row)")
+            emit and emit({"kind": "skipped", **tag, "step": step})
+        if skips >= cfg.max_skips:
+            raise TrainingError(f"{tag_str(tag)}: {skips} consecutive steps with a non-finite loss or gradient "
+                                f"(last at step {step}); the last checkpoint before them is intact")
         if logging:
-            eta_s = (time.time() - t0) / step * (steps - step)
+            eta_s = (time.time() - t0) / (step - done) * (steps - step)
             log(f"  {tag_str(tag)} step {step:4d}/{steps}  reward {stats['reward']:6.3f}  "
                 f"kl_anchor {stats['kl_anchor']:6.2f}  kl_sft {stats['kl_sft']:6.2f}  "
                 f"entropy {stats['entropy']:.2f}  {stats['tok_s']:6.0f} tok/s  ETA {eta_s:4.0f}s")
             emit and emit({"kind": "train", **tag, "step": step, **stats})
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
             emit and emit({"kind": "trajectory", **tag, "step": step, **evaluate(policy, sft_model, cfg, device)})
+        if on_checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+            on_checkpoint(resume_io.pack_run(step, policy, anchor_model, optimizer, schedule, prompt_rng,
+                                             sample_gen, skips, mixed))
     if mixed:  # choice: a bf16 run's theta_m is its fp32 master weights, so its task vector (lr 1e-6
         # steps) is not swamped by bf16 rounding; merges still come out in theta_init's dtype (bf16)
         return ({k: v.detach().cpu().clone() for k, v in mixed.master.items()},
                 {k: v.cpu().clone() for k, v in mixed.ema.items()})
     return cpu_state(policy), cpu_state(anchor_model)
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. only non-finite steps): one line on stderr, exit status 1."""
 
 
 def cpu_state(model):
@@ -632,32 +668,50 @@ def tag_str(tag):
 # ----------------------------------------------------------------------------------------------
 
 
-def warp(cfg: Config, log=print):
+def warp(cfg: Config, log=print, resume=False):
     """Run the whole procedure on the toy task (from the toy SFT model, or from the --init checkpoint);
-    returns a dict of results and writes cfg.out."""
+    returns a dict of results and writes cfg.out. resume=True continues from OUT/checkpoint.safetensors."""
     device = resolve_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+    checkpoint_path = os.path.join(cfg.out, "checkpoint.safetensors")
+    saved, saved_states, saved_run = {}, {}, None   # progress, weights and run state of a checkpoint
+    if resume and os.path.exists(checkpoint_path):
+        saved, saved_states, saved_run = resume_io.load(checkpoint_path)
+        log(f"resuming {cfg.out}: iteration {saved['iteration']}, {saved['finished']} finished run(s)"
+            + (f", run in progress at step {saved_run[0]['step']}" if saved_run else ""))
+    # metrics written after the checkpoint are dropped: the resumed run writes them again
+    rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))[:saved["n_rows"]] if saved else []
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
-    rows = []
+    metrics_file.writelines(json.dumps(row) + "\n" for row in rows)
 
     def emit(row):
         rows.append(row)
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
 
+    def checkpoint(iteration, finished, run=None):   # the loop's position + whatever resuming needs
+        progress = {"iteration": iteration, "finished": len(finished), "n_rows": len(rows)}
+        states = {"theta_init": theta_init, **{f"finished{m}": p for m, p in enumerate(finished)}}
+        resume_io.save(checkpoint_path, progress, states, run)
+
     theta_sft = theta_sft_of(cfg, device, log)   # the toy SFT model, or the --init checkpoint
     sft_model = build_model(cfg, theta_sft, device)
     models = {"sft": theta_sft}
-    emit({"kind": "eval", "label": "theta_sft", "iteration": 0, **evaluate(sft_model, sft_model, cfg, device)})
+    if not saved:
+        emit({"kind": "eval", "label": "theta_sft", "iteration": 0, **evaluate(sft_model, sft_model, cfg, device)})
     etas = [float(e) for e in cfg.etas.split(",")]
-    theta_init = theta_sft
-    for it in range(1, cfg.iterations + 1):
+    theta_init = saved_states.get("theta_init", theta_sft)
+    for it in range(saved.get("iteration", 1), cfg.iterations + 1):
         log(f"iteration {it}/{cfg.iterations}: {cfg.runs} RL runs of {cfg.steps} steps from theta_init")
-        policies = [train_policy(cfg, theta_init, theta_sft, run_seed(cfg.seed, it, m), cfg.steps,
-                                 tag={"iteration": it, "run": m}, log=log, emit=emit)[0]
-                    for m in range(cfg.runs)]
+        policies = [saved_states[f"finished{m}"] for m in range(saved.pop("finished", 0))]   # after a resume
+        for m in range(len(policies), cfg.runs):
+            policies.append(train_policy(cfg, theta_init, theta_sft, run_seed(cfg.seed, it, m), cfg.steps,
+                                         tag={"iteration": it, "run": m}, log=log, emit=emit, resume=saved_run,
+                                         on_checkpoint=lambda run: checkpoint(it, policies, run))[0])
+            saved_run = None                # only the first run after a resume continues a saved one
+            checkpoint(it, policies)
         if cfg.runs >= 2:  # the paper's observation: task vectors ~orthogonal, full weights ~identical
             cos = {g: cosine_report(theta_init, policies, g) for g in ("model", "layer")}
             cos_full = cosine_report({k: torch.zeros_like(v) for k, v in theta_init.items()}, policies, "model")
@@ -677,6 +731,7 @@ def warp(cfg: Config, log=print):
         emit({"kind": "eval", "label": f"iter {it} LITI (eta={cfg.eta})", "iteration": it,
               **evaluate(build_model(cfg, theta_init, device), sft_model, cfg, device)})
         log(f"  iteration {it}: " + row_str(rows[-2]) + " | " + row_str(rows[-1]))
+        checkpoint(it + 1, [])
     models["warp"] = theta_init
     if cfg.init:  # choice: a checkpoint run writes a Hugging Face directory (instead of final.safetensors)
         save_checkpoint(build_model(cfg, theta_init), cfg.init, os.path.join(cfg.out, "final"))
@@ -685,13 +740,27 @@ def warp(cfg: Config, log=print):
 
     if cfg.baseline:  # plain RL: fixed SFT anchor, same total number of steps as all WARP iterations
         log(f"baseline: plain RL with the SFT anchor, {cfg.iterations * cfg.steps} steps")
+        baseline_phase = cfg.iterations + 1      # the checkpoint's "iteration" while the baseline trains
         models["plain"] = train_policy(cfg, theta_sft, theta_sft, run_seed(cfg.seed, 0, cfg.runs),
                                        cfg.iterations * cfg.steps, anchor="sft",
-                                       tag={"iteration": 0, "run": "sft-anchor"}, log=log, emit=emit)[0]
+                                       tag={"iteration": 0, "run": "sft-anchor"}, log=log, emit=emit,
+                                       resume=saved_run,
+                                       on_checkpoint=lambda run: checkpoint(baseline_phase, [], run))[0]
     metrics_file.close()
     from toy_tasks.report import summarize
-    return summarize(cfg, rows, models, lambda state: build_model(cfg, state, device), sample,
-                     run_seed(cfg.seed, -3, 0), log)
+    result = summarize(cfg, rows, models, lambda state: build_model(cfg, state, device), sample,
+                       run_seed(cfg.seed, -3, 0), log)
+    if os.path.exists(checkpoint_path):
+        os.remove(checkpoint_path)   # the run is complete: nothing left to resume
+    return result
+
+
+def read_metrics(path):
+    """The complete lines of metrics.jsonl (a run killed mid-write may leave a partial last line)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def row_str(row):
@@ -731,7 +800,8 @@ def validate(cfg: Config):
         (cfg.beta >= 0, "--beta", cfg.beta, "must be >= 0"),
         (0 <= cfg.mu <= 1, "--mu", cfg.mu, "must be in [0, 1]"),
         (0 <= cfg.lam <= 1, "--lam", cfg.lam, "must be in [0, 1]"),
-        (0 <= cfg.eta <= 1, "--eta", cfg.eta, "must be in [0, 1]"),
+        (0 <= cfg.eta <= (math.inf if cfg.allow_extrapolation else 1), "--eta", cfg.eta,
+         "must be in [0, 1] (above 1 LITI extrapolates: pass --allow-extrapolation)"),
         (cfg.runs >= 1, "--runs", cfg.runs, "must be >= 1"),
         (cfg.iterations >= 1, "--iterations", cfg.iterations, "must be >= 1"),
         (cfg.steps >= 1, "--steps", cfg.steps, "must be >= 1"),
@@ -740,6 +810,9 @@ def validate(cfg: Config):
          "must be >= 2 (the leave-one-out baseline needs two samples per prompt)"),
         (cfg.temperature > 0, "--temperature", cfg.temperature, "must be > 0"),
         (cfg.threads >= 1, "--threads", cfg.threads, "must be >= 1"),
+        (cfg.sft_steps >= 1 and cfg.sft_batch >= 1, "--sft-batch", cfg.sft_batch, "and --sft-steps must be >= 1"),
+        (cfg.checkpoint_every >= 0, "--checkpoint-every", cfg.checkpoint_every, "must be >= 0"),
+        (cfg.max_skips >= 1, "--max-skips", cfg.max_skips, "must be >= 1"),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "--device", cfg.device,
          "must be cpu, cuda or auto"),
         (cfg.granularity in ("layer", "tensor", "model"), "--granularity", cfg.granularity,
@@ -756,8 +829,8 @@ def validate(cfg: Config):
         etas = [float(e) for e in cfg.etas.split(",")]
     except ValueError:
         raise UsageError(f"--etas {cfg.etas!r}: must be comma-separated numbers")
-    if not all(0 <= e <= 1 for e in etas):
-        raise UsageError(f"--etas {cfg.etas!r}: every eta must be in [0, 1]")
+    if not all(0 <= e <= (math.inf if cfg.allow_extrapolation else 1) for e in etas):
+        raise UsageError(f"--etas {cfg.etas!r}: every eta must be in [0, 1] (or pass --allow-extrapolation)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg.device}: CUDA is not available on this machine")
     if cfg.init:
@@ -783,8 +856,14 @@ def validate_checkpoint(cfg: Config):
                          f"exceeds the checkpoint's context of {model_cfg.max_seq_len}")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):   # argparse's own errors (bad type, unknown flag) as one line too
+        raise UsageError(message)
+
+
 def parse_config(argv):
-    parser = argparse.ArgumentParser(
+    """Settings from the command line -> (Config, resume?). Raises UsageError for any user mistake."""
+    parser = ArgumentParser(
         prog="warp_min.py demo", description="WARP on the toy review task: SFT, then I x (M RL runs -> "
         "SLERP -> LITI), evaluation, a Pareto plot and a summary table.",
         epilog="--init DIR starts from a Hugging Face Gemma checkpoint instead of the toy SFT model: "
@@ -796,6 +875,8 @@ def parse_config(argv):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="starting settings: quick (~1 min, for tests) or default (the README demo)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
+    parser.add_argument("--resume", metavar="OUT", help="continue the killed run in OUT from its last checkpoint "
+                        "(settings come from OUT/config.json; pass no other flag)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
@@ -804,6 +885,8 @@ def parse_config(argv):
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=typ, default=None, help=f"{f.metadata['doc']} (default: {f.default!r})")
     args = parser.parse_args(argv)
+    if args.resume:
+        return resume_config(args.resume, argv), True
     settings = {**PRESETS[args.preset],
                 **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}}
     cfg = Config(**settings)
@@ -811,7 +894,23 @@ def parse_config(argv):
         cfg.out = os.path.join("runs", args.preset)
     validate(cfg)
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not args.overwrite:
-        raise UsageError(f"--out {cfg.out}: directory exists and is not empty (pass --overwrite)")
+        raise UsageError(f"--out {cfg.out}: directory exists and is not empty (pass --overwrite, or --resume it)")
+    return cfg, False
+
+
+def resume_config(out, argv):
+    """The Config of the run in `out`, which must have something left to resume."""
+    if [a for a in argv if a not in ("--resume", out, f"--resume={out}")]:
+        raise UsageError("--resume OUT takes every setting from OUT/config.json: pass no other flag")
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            cfg = Config(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"--resume {out}: no readable warp_min config.json ({e})") from None
+    if os.path.exists(os.path.join(out, "summary.md")) and not os.path.exists(os.path.join(out, "checkpoint.safetensors")):
+        raise UsageError(f"--resume {out}: this run is already complete")
+    cfg.out = out
+    validate(cfg)
     return cfg
 
 
@@ -823,14 +922,18 @@ def main(argv=None):
     if argv and argv[0] == "demo":
         argv = argv[1:]
     try:
-        cfg = parse_config(argv)
+        cfg, resume = parse_config(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_flush_denormal(True)   # tiny weights make denormals; they slow CPU matmuls many-fold
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    warp(cfg)
+    try:
+        warp(cfg, resume=resume)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"done in {time.time() - t0:.0f}s; outputs in {cfg.out}/")
     return 0
 

@@ -189,3 +189,105 @@ def test_quick_demo_end_to_end(tmp_path):
     from safetensors.torch import load_file
     cfg = W.Config(**json.loads((out / "config.json").read_text()))
     W.build_model(cfg, load_file(str(out / "final.safetensors")))
+
+
+def _checkpoint_progress(path):
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["warp_min"])
+    except Exception:          # not written yet
+        return None
+
+
+def _metrics_without_timing(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tok_s"} for row in rows]
+
+
+def test_killed_demo_resumes_bit_for_bit(tmp_path):
+    """A quick demo killed (SIGKILL) in the middle of an RL run and continued with --resume ends with
+    the same final.safetensors, byte for byte, and the same metrics (timings aside) as an
+    uninterrupted run with the same seed."""
+    import signal
+    import time
+    common = ["--preset", "quick", "--cache-dir", str(tmp_path / "cache"), "--checkpoint-every", "5", "--threads", "1"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "warp_min.py", *common, "--out", str(ref)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (ref / "checkpoint.safetensors").exists()       # removed once the run is complete
+
+    victim = subprocess.Popen([sys.executable, "warp_min.py", *common, "--out", str(killed)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:               # wait for a checkpoint taken in the middle of run 1
+        meta = _checkpoint_progress(killed / "checkpoint.safetensors")
+        if meta and meta["progress"]["finished"] == 1 and meta["run"] is not None:
+            break
+        time.sleep(0.05)
+    else:
+        victim.kill()
+        pytest.fail("no mid-run checkpoint appeared")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert not (killed / "final.safetensors").exists()
+
+    proc = subprocess.run([sys.executable, "warp_min.py", "demo", "--resume", str(killed)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming" in proc.stdout
+    assert (killed / "final.safetensors").read_bytes() == (ref / "final.safetensors").read_bytes()
+    assert _metrics_without_timing(killed / "metrics.jsonl") == _metrics_without_timing(ref / "metrics.jsonl")
+
+
+def test_resume_refuses_extra_flags_and_finished_runs(tmp_path):
+    """--resume takes its settings from the run's config.json; a complete run has nothing to resume."""
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"out": str(out)}))
+    (out / "summary.md").write_text("done")
+    for argv, fragment in [(["--resume", str(out), "--beta", "0"], "pass no other flag"),
+                           (["--resume", str(out)], "already complete"),
+                           (["--resume", str(tmp_path / "missing")], "no readable warp_min config.json")]:
+        proc = subprocess.run([sys.executable, "warp_min.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and fragment in proc.stderr, (argv, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    """A diverged run (lr 1e30 makes every later loss non-finite) skips those steps, logs them, and
+    stops after --max-skips in a row with a one-line error; its last checkpoint stays loadable."""
+    out = tmp_path / "diverged"
+    proc = subprocess.run([sys.executable, "warp_min.py", "--preset", "quick", "--out", str(out), "--cache-dir",
+                           str(tmp_path / "cache"), "--lr", "1e30", "--warmup", "1", "--max-skips", "3",
+                           "--checkpoint-every", "1", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "3 consecutive steps with a non-finite loss or gradient" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "skipped" for r in rows) == 3
+    meta = _checkpoint_progress(out / "checkpoint.safetensors")
+    assert meta is not None and meta["run"] is not None
+
+
+def test_argparse_errors_are_one_line(tmp_path):
+    """A malformed value or an unknown flag: one line, exit status 2 (argparse's usage block suppressed)."""
+    for argv in (["--beta", "abc"], ["--no-such-flag"], ["--eta", "1.5"]):
+        proc = subprocess.run([sys.executable, "warp_min.py", "--out", str(tmp_path / "x"), *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (argv, proc.stderr)
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_out_is_refused_without_overwrite(tmp_path):
+    """An existing, non-empty --out is left untouched unless --overwrite is given."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    proc = subprocess.run([sys.executable, "warp_min.py", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
