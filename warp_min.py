@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 import hf_io
+import parallel
 import resume as resume_io
 from model import ModelConfig, Transformer, completion_logprobs, completion_mask, config_from_hf
 from reward import quality, reward, reward_breakdown
@@ -237,7 +238,9 @@ class Config:
     cache_dir: str = arg("runs/.cache", "where theta_sft is cached, keyed by the SFT config")
     seed: int = arg(0, "master seed: model init, data order, sampling and evaluation all derive from it")
     device: str = arg("auto", "cpu, cuda or auto")
-    threads: int = arg(2, "torch CPU threads (SFT's larger batches use two; RL steps are as fast with one)")
+    threads: int = arg(2, "torch CPU threads per process (SFT's larger batches use two; RL steps are as fast "
+                       "with one); under torchrun at most cores / processes")
+    workers: int = arg(1, "processes for the M runs of an iteration (launches torchrun; 1 = one after the other)")
     # the policy network (model.py)
     n_layer: int = arg(4, "transformer blocks (= SLERP groups under granularity=layer)")
     d_model: int = arg(128, "residual width")
@@ -670,11 +673,12 @@ def tag_str(tag):
 
 def warp(cfg: Config, log=print, resume=False):
     """Run the whole procedure on the toy task (from the toy SFT model, or from the --init checkpoint);
-    returns a dict of results and writes cfg.out. resume=True continues from OUT/checkpoint.safetensors."""
+    returns a dict of results and writes cfg.out. resume=True continues from OUT/checkpoint.safetensors.
+    Under torchrun the M runs of each iteration are spread over the ranks (parallel.py); rank 0
+    does everything else and is the only one that writes files."""
     device = resolve_device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    rank, world_size = parallel.init_from_env(device)
+    lead = rank == 0
     checkpoint_path = os.path.join(cfg.out, "checkpoint.safetensors")
     saved, saved_states, saved_run = {}, {}, None   # progress, weights and run state of a checkpoint
     if resume and os.path.exists(checkpoint_path):
@@ -683,55 +687,65 @@ def warp(cfg: Config, log=print, resume=False):
             + (f", run in progress at step {saved_run[0]['step']}" if saved_run else ""))
     # metrics written after the checkpoint are dropped: the resumed run writes them again
     rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))[:saved["n_rows"]] if saved else []
-    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
-    metrics_file.writelines(json.dumps(row) + "\n" for row in rows)
+    metrics_file = None
+    if lead:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "w")
+        metrics_file.writelines(json.dumps(row) + "\n" for row in rows)
 
     def emit(row):
         rows.append(row)
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
 
     def checkpoint(iteration, finished, run=None):   # the loop's position + whatever resuming needs
-        progress = {"iteration": iteration, "finished": len(finished), "n_rows": len(rows)}
-        states = {"theta_init": theta_init, **{f"finished{m}": p for m, p in enumerate(finished)}}
-        resume_io.save(checkpoint_path, progress, states, run)
+        if lead:
+            progress = {"iteration": iteration, "finished": len(finished), "n_rows": len(rows)}
+            states = {"theta_init": theta_init, **{f"finished{m}": p for m, p in enumerate(finished)}}
+            resume_io.save(checkpoint_path, progress, states, run)
 
-    theta_sft = theta_sft_of(cfg, device, log)   # the toy SFT model, or the --init checkpoint
+    theta_sft = theta_sft_of(cfg, device, log) if lead or cfg.init else None  # toy SFT or the --init checkpoint
+    if world_size > 1 and not cfg.init:
+        template = {k: v.to(policy_dtype(cfg)) for k, v in cpu_state(build_model(cfg)).items()}
+        theta_sft = parallel.share_state(theta_sft, 0, template, device)
     sft_model = build_model(cfg, theta_sft, device)
     models = {"sft": theta_sft}
-    if not saved:
+    if not saved and lead:
         emit({"kind": "eval", "label": "theta_sft", "iteration": 0, **evaluate(sft_model, sft_model, cfg, device)})
     etas = [float(e) for e in cfg.etas.split(",")]
     theta_init = saved_states.get("theta_init", theta_sft)
     for it in range(saved.get("iteration", 1), cfg.iterations + 1):
         log(f"iteration {it}/{cfg.iterations}: {cfg.runs} RL runs of {cfg.steps} steps from theta_init")
         policies = [saved_states[f"finished{m}"] for m in range(saved.pop("finished", 0))]   # after a resume
+        trained, rows_by_run = {}, {}
         for m in range(len(policies), cfg.runs):
-            policies.append(train_policy(cfg, theta_init, theta_sft, run_seed(cfg.seed, it, m), cfg.steps,
-                                         tag={"iteration": it, "run": m}, log=log, emit=emit, resume=saved_run,
-                                         on_checkpoint=lambda run: checkpoint(it, policies, run))[0])
+            if parallel.owner(m, world_size) != rank:
+                continue
+            finished = lambda: policies + [trained[k] for k in sorted(trained)]  # noqa: E731
+            trained[m] = train_policy(
+                cfg, theta_init, theta_sft, run_seed(cfg.seed, it, m), cfg.steps, tag={"iteration": it, "run": m},
+                log=log, emit=emit if world_size == 1 else rows_by_run.setdefault(m, []).append,
+                resume=saved_run, on_checkpoint=(lambda run: checkpoint(it, finished(), run)) if world_size == 1 else None)[0]
             saved_run = None                # only the first run after a resume continues a saved one
-            checkpoint(it, policies)
-        if cfg.runs >= 2:  # the paper's observation: task vectors ~orthogonal, full weights ~identical
-            cos = {g: cosine_report(theta_init, policies, g) for g in ("model", "layer")}
-            cos_full = cosine_report({k: torch.zeros_like(v) for k, v in theta_init.items()}, policies, "model")
-            layer_cos = list(cos["layer"].values())
-            log(f"  task-vector cosine(run 0, run 1): model {cos['model']['model']:.3f}, per group "
-                f"{min(layer_cos):.3f}..{max(layer_cos):.3f}; full-weight cosine {cos_full['model']:.4f}")
-            emit({"kind": "cosine", "iteration": it, "task_vector": cos["model"]["model"],
-                  "task_vector_per_group": cos["layer"], "full_weights": cos_full["model"]})
-        theta_slerp = slerp(theta_init, policies, cfg.lam if cfg.runs == 2 else None, cfg.granularity)
-        # the LITI front of this iteration, drawn from theta_sft as in the paper's figures
-        for eta in etas:
-            point = evaluate(build_model(cfg, liti(theta_sft, theta_slerp, eta), device), sft_model, cfg, device)
-            emit({"kind": "front", "iteration": it, "eta": eta, **point})
-        emit({"kind": "eval", "label": f"iter {it} SLERP", "iteration": it,
-              **evaluate(build_model(cfg, theta_slerp, device), sft_model, cfg, device)})
-        theta_init = liti(theta_init, theta_slerp, cfg.eta)   # next iteration's init
-        emit({"kind": "eval", "label": f"iter {it} LITI (eta={cfg.eta})", "iteration": it,
-              **evaluate(build_model(cfg, theta_init, device), sft_model, cfg, device)})
-        log(f"  iteration {it}: " + row_str(rows[-2]) + " | " + row_str(rows[-1]))
+            checkpoint(it, finished())
+        if world_size > 1:                  # the runs' weights meet on every rank, their metrics on rank 0
+            for m in range(len(policies), cfg.runs):
+                trained[m] = parallel.share_state(trained.get(m), parallel.owner(m, world_size), theta_init, device)
+            for m, run_rows in sorted(parallel.gather_rows(rows_by_run).items()):
+                for row in run_rows:
+                    emit(row)
+        policies += [trained[m] for m in sorted(trained)]
+        if lead:
+            theta_next = merge_and_evaluate(cfg, it, theta_init, theta_sft, policies, sft_model, etas, emit, log, rows)
+        if world_size > 1:
+            theta_next = parallel.share_state(theta_next if lead else None, 0, theta_init, device)
+        theta_init = theta_next             # next iteration's init
         checkpoint(it + 1, [])
+    if not lead:
+        return None                         # rank 0 trains the baseline and writes the outputs
     models["warp"] = theta_init
     if cfg.init:  # choice: a checkpoint run writes a Hugging Face directory (instead of final.safetensors)
         save_checkpoint(build_model(cfg, theta_init), cfg.init, os.path.join(cfg.out, "final"))
@@ -753,6 +767,31 @@ def warp(cfg: Config, log=print, resume=False):
     if os.path.exists(checkpoint_path):
         os.remove(checkpoint_path)   # the run is complete: nothing left to resume
     return result
+
+
+def merge_and_evaluate(cfg, it, theta_init, theta_sft, policies, sft_model, etas, emit, log, rows):
+    """The end of an iteration: task-vector cosines, SLERP, the LITI front, and the next theta_init."""
+    device = resolve_device(cfg.device)
+    if cfg.runs >= 2:  # the paper's observation: task vectors ~orthogonal, full weights ~identical
+        cos = {g: cosine_report(theta_init, policies, g) for g in ("model", "layer")}
+        cos_full = cosine_report({k: torch.zeros_like(v) for k, v in theta_init.items()}, policies, "model")
+        layer_cos = list(cos["layer"].values())
+        log(f"  task-vector cosine(run 0, run 1): model {cos['model']['model']:.3f}, per group "
+            f"{min(layer_cos):.3f}..{max(layer_cos):.3f}; full-weight cosine {cos_full['model']:.4f}")
+        emit({"kind": "cosine", "iteration": it, "task_vector": cos["model"]["model"],
+              "task_vector_per_group": cos["layer"], "full_weights": cos_full["model"]})
+    theta_slerp = slerp(theta_init, policies, cfg.lam if cfg.runs == 2 else None, cfg.granularity)
+    # the LITI front of this iteration, drawn from theta_sft as in the paper's figures
+    for eta in etas:
+        point = evaluate(build_model(cfg, liti(theta_sft, theta_slerp, eta), device), sft_model, cfg, device)
+        emit({"kind": "front", "iteration": it, "eta": eta, **point})
+    emit({"kind": "eval", "label": f"iter {it} SLERP", "iteration": it,
+          **evaluate(build_model(cfg, theta_slerp, device), sft_model, cfg, device)})
+    theta_next = liti(theta_init, theta_slerp, cfg.eta)   # LITI: the next iteration's init
+    emit({"kind": "eval", "label": f"iter {it} LITI (eta={cfg.eta})", "iteration": it,
+          **evaluate(build_model(cfg, theta_next, device), sft_model, cfg, device)})
+    log(f"  iteration {it}: " + row_str(rows[-2]) + " | " + row_str(rows[-1]))
+    return theta_next
 
 
 def read_metrics(path):
@@ -810,6 +849,7 @@ def validate(cfg: Config):
          "must be >= 2 (the leave-one-out baseline needs two samples per prompt)"),
         (cfg.temperature > 0, "--temperature", cfg.temperature, "must be > 0"),
         (cfg.threads >= 1, "--threads", cfg.threads, "must be >= 1"),
+        (cfg.workers >= 1, "--workers", cfg.workers, "must be >= 1"),
         (cfg.sft_steps >= 1 and cfg.sft_batch >= 1, "--sft-batch", cfg.sft_batch, "and --sft-steps must be >= 1"),
         (cfg.checkpoint_every >= 0, "--checkpoint-every", cfg.checkpoint_every, "must be >= 0"),
         (cfg.max_skips >= 1, "--max-skips", cfg.max_skips, "must be >= 1"),
@@ -893,7 +933,8 @@ def parse_config(argv):
     if not cfg.out:
         cfg.out = os.path.join("runs", args.preset)
     validate(cfg)
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not args.overwrite:
+    first_rank = int(os.environ.get("RANK", "0")) == 0    # under torchrun, rank 0 may have created it already
+    if first_rank and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not args.overwrite:
         raise UsageError(f"--out {cfg.out}: directory exists and is not empty (pass --overwrite, or --resume it)")
     return cfg, False
 
@@ -926,15 +967,21 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.workers > 1 and processes == 1 and not resume:
+        return parallel.launch(cfg.workers, argv)          # the same command, under torchrun
     torch.set_flush_denormal(True)   # tiny weights make denormals; they slow CPU matmuls many-fold
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(max(1, min(cfg.threads, (os.cpu_count() or 1) // processes)))  # no oversubscription
     t0 = time.time()
     try:
         warp(cfg, resume=resume)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"done in {time.time() - t0:.0f}s; outputs in {cfg.out}/")
+    finally:
+        parallel.finish()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done in {time.time() - t0:.0f}s; outputs in {cfg.out}/")
     return 0
 
 
