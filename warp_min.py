@@ -730,7 +730,8 @@ def warp(cfg: Config, log=print, resume=False):
                 log=log, emit=emit if world_size == 1 else rows_by_run.setdefault(m, []).append,
                 resume=saved_run, on_checkpoint=(lambda run: checkpoint(it, finished(), run)) if world_size == 1 else None)[0]
             saved_run = None                # only the first run after a resume continues a saved one
-            checkpoint(it, finished())
+            if world_size == 1:             # under torchrun: checkpoints at iteration boundaries only
+                checkpoint(it, finished())
         if world_size > 1:                  # the runs' weights meet on every rank, their metrics on rank 0
             for m in range(len(policies), cfg.runs):
                 trained[m] = parallel.share_state(trained.get(m), parallel.owner(m, world_size), theta_init, device)
