@@ -365,10 +365,6 @@ def build_model(cfg: Config, state=None, device="cpu", seed=0):
     return model
 
 
-def clone_state(state):
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
 # ----------------------------------------------------------------------------------------------
 # theta_sft: supervised pre-training on the toy corpus (cached).
 # ----------------------------------------------------------------------------------------------
@@ -434,14 +430,6 @@ def theta_sft_of(cfg: Config, device, log=print):
 # ----------------------------------------------------------------------------------------------
 # Sampling and scoring: the pieces shared by the RL step and evaluation.
 # ----------------------------------------------------------------------------------------------
-
-
-def prompt_batch(prompts, device, tok=None):
-    """Encode prompts of one token length (every toy prompt) as a (B, T0) tensor; tok: the toy's by default."""
-    ids = [(tok or load_tokenizer()).encode_prompt(p) for p in prompts]
-    if len({len(i) for i in ids}) != 1:
-        raise ValueError("prompts of different token lengths: sample() groups them by length")
-    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def sample(policy, prompts, cfg: Config, generator, device):

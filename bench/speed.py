@@ -40,7 +40,8 @@ def main():
     torch.set_flush_denormal(True)
     cfg = W.Config(device="cpu")
     model = W.build_model(cfg, seed=0).eval()
-    prompts = W.prompt_batch([p for p in reviews.eval_prompts(16) for _ in range(4)], "cpu")   # 64 x 6
+    tok = W.load_tokenizer()
+    prompts = torch.tensor([tok.encode_prompt(p) for p in reviews.eval_prompts(16) for _ in range(4)])  # (64, 6)
     n_new = cfg.max_new_tokens
     for use_cache in (True, False):  # no eos: every row generates n_new tokens
         seconds, _ = best_of(lambda: model.generate(prompts, n_new, generator=torch.Generator().manual_seed(0),
