@@ -807,9 +807,18 @@ def save_safetensors(state, path):
 
 def save_checkpoint(model, source, path):
     """The final model of an --init run as a Hugging Face directory that transformers loads:
-    config.json + safetensors in the policy dtype, with the tokenizer files and token ids of `source`."""
-    model.save_pretrained(path)
-    hf_io.carry_over(source, path)
+    config.json + safetensors in the policy dtype, with the tokenizer files and token ids of `source`.
+    Written into PATH.tmp, fsync'ed, then renamed into place: never a half-written directory."""
+    import shutil
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    hf_io.carry_over(source, tmp)
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
