@@ -27,12 +27,27 @@ Design (why the merge never holds a model in memory):
   map as `liti` folded into the coefficients (one rounding to bf16, not two) -- and appends
   it to the output shard (whose safetensors header was written first: names, dtypes and shapes
   are known before any data is). Inputs are read twice; the output is written once.
+- Held groups (--max-group-mb, off by default): a group whose raw bytes in all M + 1 inputs fit
+  the budget is read once when its first tensor comes up in the write order -- Gram from those
+  blocks (same code, same summation order as pass 1), coefficients, then combine from memory --
+  and pass 1 skips it. Bigger groups (and whatever does not fit alongside the groups still being
+  written) are streamed as above, so granularity "model" normally streams. The output is
+  byte-identical either way. It halves the bytes read, which pays when the inputs come from disk;
+  with the inputs in the page cache a read is a memory copy, and holding cost about as much as it
+  saved (fresh pages for the held blocks), hence off by default; "auto" sizes it to stay under
+  2 x the largest tensor in float64.
 - Peak memory is a few blocks per worker -- M + 1 input blocks, their float32/float64 working
-  copies, the output block -- independent of model size and even of the largest tensor (tens of
-  MB on top of the ~225 MB of a Python process with torch imported).
+  copies, the output block -- plus up to WRITE_QUEUE_BLOCKS merged blocks waiting to be written
+  (and the held groups, if asked for): independent of model size and of the largest tensor
+  (~100 MB on top of the ~225 MB of a Python process with torch imported).
 - Speed: blocks are processed by a few threads (each running torch single-threaded; torch
   releases the GIL), results consumed in a fixed order, so the sums -- and the output -- do not
-  depend on the number of threads. glibc is told to keep freed memory (see _retain_freed_memory).
+  depend on the number of threads. Writes and each shard's fsync run on their own thread,
+  overlapping the arithmetic. glibc is told to keep freed memory (see _retain_freed_memory).
+  With the inputs in the page cache the merge is bound by the arithmetic (and memory bandwidth:
+  a second worker gains ~1.3x, not 2x): profiled single-threaded, per block the float64 Gram
+  (bf16 -> float64 copies, M subtractions, a matmul) takes ~50% of the time, combine ~35%, the
+  preads of all inputs ~15%; writing the output costs about as much as one read pass.
 - Crash safety: the output is written into a hidden temporary directory (or file) beside --out,
   every file is fsync'ed, and only a complete output is renamed into place (with --overwrite the
   old output is moved aside first and deleted afterwards). A killed merge leaves either no --out
@@ -56,11 +71,13 @@ import ctypes
 import json
 import math
 import os
+import queue
 import re
 import resource
 import shutil
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -83,7 +100,12 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                 "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 MERGEABLE = {"F64", "F32", "F16", "BF16"}   # choice: integer/bool buffers are copied from init
-BLOCK_ELEMS = 1 << 18                        # elements per streamed block (1 MB of fp32)
+# choice: 2^19 elements per streamed block (2 MB of fp32). Each block costs ~20 torch calls whose
+# Python overhead holds the GIL, so small blocks serialize the workers; big ones leave the cache.
+# bench/merge.py (2 workers): 2^17 4.6 s, 2^18 3.4 s, 2^19 3.0-3.2 s, 2^20 2.9-3.0 s, 2^21 3.5 s.
+BLOCK_ELEMS = 1 << 19
+MAX_GROUP_BYTES = 2 << 30                    # cap of --max-group-mb auto (raw bytes held)
+WRITE_QUEUE_BLOCKS = 16                      # merged blocks waiting for the writer thread
 PROGRESS_EVERY_S = 2.0
 
 
@@ -494,7 +516,8 @@ def _print_report(report, max_rows=40):
         print(f"  tied: {note}")
     t = report["timings"]
     print(f"  read {report['bytes_read'] / 1e9:.2f} GB, wrote {report['bytes_written'] / 1e9:.2f} GB in "
-          f"{t['total_s']:.1f}s (pass 1 {t['pass1_s']:.1f}s, pass 2 {t['pass2_s']:.1f}s), "
+          f"{t['total_s']:.1f}s (pass 1 {t['pass1_s']:.1f}s, pass 2 {t['pass2_s']:.1f}s; "
+          f"{report['held_groups']} groups read once, {report['streamed_groups']} streamed twice), "
           f"peak RSS {report['peak_rss_mb']:.0f} MB; output: {report['out']}")
 
 
@@ -503,7 +526,8 @@ def _print_report(report, max_rows=40):
 # ----------------------------------------------------------------------------------------------
 
 
-def _validate_values(n_policies, lam, eta, granularity, method, allow_extrapolation, workers=None):
+def _validate_values(n_policies, lam, eta, granularity, method, allow_extrapolation, workers=None,
+                     max_group_mb=0):
     if n_policies < 1:
         raise CheckpointError("--policies needs at least one checkpoint (WARP merges M >= 2)")
     if lam is not None:
@@ -521,6 +545,9 @@ def _validate_values(n_policies, lam, eta, granularity, method, allow_extrapolat
         raise CheckpointError(f"--workers {workers}: needs at least 1")
     if method not in ("slerp", "lerp"):
         raise CheckpointError(f"--method {method!r}: choose slerp or lerp")
+    if max_group_mb != "auto" and not (isinstance(max_group_mb, (int, float)) and max_group_mb >= 0):
+        raise CheckpointError(f"--max-group-mb {max_group_mb}: needs a number >= 0 (MiB; 0 = stream "
+                              f"every group) or auto")
 
 
 def _all_finite(tensor):
@@ -549,27 +576,40 @@ def _retain_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
-def _ordered_map(fn, jobs, workers):
-    """map(fn, jobs) on `workers` threads, results in job order, at most 2 * workers in flight.
+class _Workers:
+    """`n` worker threads for the whole merge; map() runs fn over jobs on them, in order.
 
     torch releases the GIL inside its kernels, so single-threaded torch ops on separate blocks
-    run in parallel; the bounded look-ahead keeps memory at a few blocks.
+    run in parallel. One set of threads serves every pass (and the loading of held groups, which
+    happens while a write is in flight): glibc gives each thread its own heap, so stable threads
+    reuse the freed blocks instead of growing -- and page-faulting -- new heaps.
     """
-    if workers <= 1:
-        yield from map(fn, jobs)
-        return
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+
+    def __init__(self, n):
+        self.n = n
+        self.pool = concurrent.futures.ThreadPoolExecutor(n) if n > 1 else None
+
+    def map(self, fn, jobs):
+        """map(fn, jobs), results in job order, at most 2 * n in flight (memory: a few blocks)."""
+        if self.pool is None:
+            yield from map(fn, jobs)
+            return
         pending = collections.deque()
         try:
             for job in jobs:
-                pending.append(pool.submit(fn, job))
-                if len(pending) >= 2 * workers:
+                pending.append(self.pool.submit(fn, job))
+                if len(pending) >= 2 * self.n:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
+            concurrent.futures.wait(pending)          # nothing of this map still running
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _find_nonfinite(checkpoints, name, block_elems):
@@ -581,21 +621,31 @@ def _find_nonfinite(checkpoints, name, block_elems):
     return None
 
 
-def _group_grams(inputs, mergeable, groups, granularity, block_elems, workers, prog):
-    """Pass 1: {group: float64 Gram matrix of its task vectors}, summed block by block."""
+def _group_grams(inputs, names, granularity, block_elems, workers, prog, cache=None):
+    """{group: float64 Gram matrix of its task vectors} over the tensors `names`, block by block.
+
+    Sums in a fixed order -- each tensor's blocks in order from zero, then the tensors into their
+    group in the order of `names` -- so the result does not depend on the number of threads, nor
+    on whether it is pass 1 or the loading of a held group. With `cache` (a dict), the raw blocks
+    read are kept there, cache[name] = [[init block, policy blocks...] per block], for pass 2.
+    """
     M = len(inputs) - 1
 
     def block_gram(job):
         name, start, rows = job
         blocks = [ck.read(name, start, rows) for ck in inputs]
-        return name, warp_min.tensor_gram(blocks[0], blocks[1:]), sum(b.nbytes for b in blocks)
+        gram, nbytes = warp_min.tensor_gram(blocks[0], blocks[1:]), sum(b.nbytes for b in blocks)
+        return name, (blocks if cache is not None else None), gram, nbytes
 
-    jobs = [(n, start, rows) for n in mergeable for start, rows in inputs[0].block_rows(n, block_elems)]
-    grams = {g: torch.zeros(M, M, dtype=torch.float64) for g in groups}
-    tensor_grams = {n: torch.zeros(M, M, dtype=torch.float64) for n in mergeable}
-    blocks_left = {n: len(inputs[0].block_rows(n, block_elems)) for n in mergeable}
-    for name, gram, nbytes in _ordered_map(block_gram, jobs, workers):   # summed in a fixed order
+    cuts = {n: inputs[0].block_rows(n, block_elems) for n in names}
+    jobs = [(n, start, rows) for n in names for start, rows in cuts[n]]
+    grams = {warp_min.group_of(n, granularity): torch.zeros(M, M, dtype=torch.float64) for n in names}
+    tensor_grams = {n: torch.zeros(M, M, dtype=torch.float64) for n in names}
+    blocks_left = {n: len(cuts[n]) for n in names}
+    for name, blocks, gram, nbytes in workers.map(block_gram, jobs):   # fixed order
         tensor_grams[name] += gram
+        if cache is not None:
+            cache.setdefault(name, []).append(blocks)
         prog.update(nbytes=nbytes)
         blocks_left[name] -= 1
         if blocks_left[name]:
@@ -606,20 +656,53 @@ def _group_grams(inputs, mergeable, groups, granularity, block_elems, workers, p
                 raise CheckpointError(f"tensor {name}: task-vector norm overflows float64")
             raise CheckpointError(f"{culprit}: non-finite values (nan/inf) in tensor {name}")
         grams[warp_min.group_of(name, granularity)] += tensor_grams.pop(name)
-        prog.update(tensors=1)
+        if cache is None:
+            prog.update(tensors=1)                          # pass 2 counts tensors when written
     return grams
 
 
-def _write_merged(tmp, single, inputs, coefs, copied, granularity, eta, block_elems, workers, prog):
-    """Pass 2: every shard of the init, streamed: init + sum_m c_m delta_m, then LITI. Returns bytes."""
-    init_ck, M, written = inputs[0], len(inputs) - 1, 0
+def _plan_held_groups(init_ck, mergeable, granularity, M, budget):
+    """Which groups are read once and held in memory; returns (held groups, peak bytes held).
+
+    Walks the tensors in output order (the init's files, on-disk order). A group is held if its
+    raw bytes in all M + 1 inputs fit in what the budget has left when its first tensor comes up;
+    its tensors give their bytes back as they are written. Every other group is streamed (two
+    passes). Deterministic, so --dry-run shows the same plan.
+    """
+    nbytes = {n: (M + 1) * init_ck.tensors[n].nbytes for n in mergeable}
+    group_bytes = collections.Counter()
+    for n in mergeable:
+        group_bytes[warp_min.group_of(n, granularity)] += nbytes[n]
+    held, seen, resident, peak = set(), set(), 0, 0
+    for n in mergeable:                                  # names are in output order
+        g = warp_min.group_of(n, granularity)
+        if g not in seen:
+            seen.add(g)
+            if resident + group_bytes[g] <= budget:
+                held.add(g)
+                resident += group_bytes[g]
+                peak = max(peak, resident)
+        if g in held:
+            resident -= nbytes[n]
+    return held, peak
+
+
+def _write_merged(tmp, single, inputs, coefs, copied, granularity, eta, block_elems, workers, prog,
+                  load_group):
+    """Pass 2: every shard of the init: init + sum_m c_m delta_m, then LITI. Returns bytes written.
+
+    Blocks of held groups come from the cache load_group(g) fills (returned: {name: blocks});
+    it is called when the group's first tensor comes up, and sets coefs[g]. The others are read.
+    """
+    init_ck, M, written, cache = inputs[0], len(inputs) - 1, 0, {}
 
     def merged_block(job):
-        name, start, rows, last = job
+        name, start, rows, last, blocks = job
         if name in copied:                                  # choice: non-float buffers copied
             block = init_ck.read(name, start, rows)
             return block, block.nbytes * (M + 2), last
-        blocks = [ck.read(name, start, rows) for ck in inputs]
+        if blocks is None:
+            blocks = [ck.read(name, start, rows) for ck in inputs]
         coefficients = coefs[warp_min.group_of(name, granularity)]
         if eta is not None:
             # LITI folded into the coefficients: (1 - eta) init + eta (init + sum c delta)
@@ -632,50 +715,107 @@ def _write_merged(tmp, single, inputs, coefs, copied, granularity, eta, block_el
                                   f"non-finite values (overflow in {init_ck.tensors[name].dtype}?)")
         return merged, merged.nbytes + sum(b.nbytes for b in blocks), last
 
-    for file, file_names in init_ck.files_in_order().items():
-        path = tmp if single else os.path.join(tmp, file)
-        writer = ShardWriter(path, [init_ck.tensors[n] for n in file_names], init_ck.metadata)
-        jobs = [(n, start, rows, i == len(cuts) - 1) for n in file_names
-                for cuts in [init_ck.block_rows(n, block_elems)] for i, (start, rows) in enumerate(cuts)]
-        for block, nbytes, last in _ordered_map(merged_block, jobs, workers):
-            writer.write(block)                             # in header order
-            prog.update(tensors=int(last), nbytes=nbytes)
-        writer.close()
-        written += writer.expected
+    def jobs(file_names):
+        for n in file_names:
+            cuts = init_ck.block_rows(n, block_elems)
+            held = None
+            if n not in copied:
+                g = warp_min.group_of(n, granularity)
+                if g not in coefs:                          # a held group's first tensor: load it
+                    cache.update(load_group(g))
+                held = cache.pop(n, None)
+            for i, (start, rows) in enumerate(cuts):
+                yield n, start, rows, i == len(cuts) - 1, None if held is None else held[i]
+
+    with _BackgroundWrites() as background:
+        for file, file_names in init_ck.files_in_order().items():
+            path = tmp if single else os.path.join(tmp, file)
+            writer = ShardWriter(path, [init_ck.tensors[n] for n in file_names], init_ck.metadata)
+            for block, nbytes, last in workers.map(merged_block, jobs(file_names)):
+                background.put(writer.write, block)         # in header order
+                prog.update(tensors=int(last), nbytes=nbytes)
+            background.put(writer.close)
+            written += writer.expected
     return written
+
+
+class _BackgroundWrites:
+    """Runs writes (and the fsync of each closed shard) on one thread, in order, while the caller
+    goes on merging; at most WRITE_QUEUE_BLOCKS blocks wait. Writing to the page cache costs as
+    much CPU as the merge arithmetic here, and fsync waits on the disk: neither stalls the
+    workers. Leaving the `with` waits for every write; the first error is raised in the caller."""
+
+    def __init__(self):
+        self.queue, self.error = queue.Queue(WRITE_QUEUE_BLOCKS), None
+        self.thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            fn, args = item
+            if self.error is None:                      # after an error: drain, do nothing
+                try:
+                    fn(*args)
+                except BaseException as e:              # noqa: BLE001 -- re-raised by the caller
+                    self.error = e
+
+    def put(self, fn, *args):
+        """Run fn(*args) after everything put before."""
+        self._check()
+        self.queue.put((fn, args))
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.queue.put(None)
+        self.thread.join()
+        if exc[0] is None:
+            self._check()
 
 
 def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="layer", method="slerp",
                       dry_run=False, overwrite=False, progress=True, allow_extrapolation=False,
-                      block_elems=BLOCK_ELEMS, workers=None):
+                      block_elems=BLOCK_ELEMS, workers=None, max_group_mb=0):
     """Merge checkpoints on disk: out = init + sum_m c_m (policy_m - init) per group, then LITI.
 
     init, policies: paths (HF directories or .safetensors files); out: path to create.
     lam: SLERP/LERP weight of the second policy (M = 2; None = 0.5); eta: LITI
     (1 - eta) * init + eta * merged, None = no LITI. granularity: layer (paper), tensor (mergekit's
     nuslerp) or model. workers: threads working on different blocks (default: CPU count, max 4).
+    max_group_mb: memory (MiB) for groups read once and held between their Gram and their write
+    (raw bytes of all inputs); other groups are streamed in two passes. 0 (default) streams
+    everything; "auto" = min(2 GiB, what keeps peak memory under 2 x the largest tensor in
+    float64). The output is the same bytes either way.
     Returns the merge report (also written as merge_report.json).
     """
     # choice: parallelism across blocks (Python threads, each running torch single-threaded),
     # not inside them: on ~256k-element elementwise ops OpenMP's fork/join costs more than the
     # second core gains (2 intra-op threads measured 1.9x slower on a busy 2-core machine).
-    _validate_values(len(policies), lam, eta, granularity, method, allow_extrapolation, workers)
+    _validate_values(len(policies), lam, eta, granularity, method, allow_extrapolation, workers,
+                     max_group_mb)
     workers = workers or min(4, os.cpu_count() or 1)
     _retain_freed_memory()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    opened = []
+    opened, pool = [], _Workers(workers)
     try:
         return _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_run,
-                                  overwrite, progress, allow_extrapolation, block_elems, workers, opened)
+                                  overwrite, progress, allow_extrapolation, block_elems, pool,
+                                  max_group_mb, opened)
     finally:
+        pool.close()
         torch.set_num_threads(previous_threads)
         for ckpt in opened:
             ckpt.close()
 
 
 def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_run, overwrite,
-                       progress, allow_extrapolation, block_elems, workers, opened):
+                       progress, allow_extrapolation, block_elems, workers, max_group_mb, opened):
     t0 = time.perf_counter()
     out = out.rstrip(os.sep) or out
     _validate_values(len(policies), lam, eta, granularity, method, allow_extrapolation)
@@ -704,38 +844,57 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
     block = min(block_elems, max(largest.numel, 1))
     itemsize = max(DTYPE_BYTES[init_ck.tensors[n].dtype] for n in names)
     # per busy worker: M + 1 input blocks, combine's float32 base/out/temporaries, tensor_gram's
-    # float64 base + M deltas + a temporary; plus up to 2 * workers finished output blocks queued
-    est_peak = workers * block * ((M + 1) * itemsize + 4 * 4 + 8 * (M + 2)) + 2 * workers * block * itemsize
+    # float64 base + M deltas + a temporary; plus finished output blocks: up to 2 * workers in
+    # flight and WRITE_QUEUE_BLOCKS waiting for the writer thread
+    est_peak = (workers.n * block * ((M + 1) * itemsize + 4 * 4 + 8 * (M + 2))
+                + (2 * workers.n + WRITE_QUEUE_BLOCKS) * block * itemsize)
+    # Held groups: their raw blocks stay in memory between the Gram and the write. The default
+    # budget keeps buffers + held bytes under 2 x the largest tensor in float64 (the memory goal).
+    if max_group_mb == "auto":
+        budget = max(0, min(MAX_GROUP_BYTES, 2 * 8 * largest.numel - est_peak))
+    else:
+        budget = int(max_group_mb * 2**20)
+    held, held_peak = _plan_held_groups(init_ck, mergeable, granularity, M, budget)
+    streamed = [n for n in mergeable if warp_min.group_of(n, granularity) not in held]
+    streamed_bytes = sum(init_ck.tensors[n].nbytes for n in streamed)
+    bytes_read = (M + 1) * (in_bytes + streamed_bytes)
     plan = {"tensors": len(names), "groups": len(groups), "policies": M,
-            "bytes_read": 2 * (M + 1) * in_bytes, "bytes_written": in_bytes,
+            "held_groups": len(held), "streamed_groups": len(groups) - len(held),
+            "group_budget_mb": budget / 2**20,
+            "bytes_read": bytes_read, "bytes_written": in_bytes,
             "largest_tensor": f"{largest.name} {list(largest.shape)} {largest.dtype}",
-            "est_peak_working_mb": est_peak / 2**20}
+            "est_peak_working_mb": (est_peak + held_peak) / 2**20}
     if dry_run:
         print(f"dry run: {plan['tensors']} tensors in {len(init_ck.files)} file(s), {plan['groups']} "
-              f"groups (granularity {granularity}), {method} of {M} policies; would read "
-              f"{plan['bytes_read'] / 1e9:.2f} GB (2 passes over {M + 1} checkpoints), write "
-              f"{plan['bytes_written'] / 1e9:.2f} GB to {out}; estimated peak memory "
-              f"{est_peak / 2**20:.0f} MB of buffers ({workers} workers) + the Python/torch process "
+              f"groups (granularity {granularity}), {method} of {M} policies; {len(held)} groups "
+              f"read once and held (budget {budget / 2**20:.0f} MB), {len(groups) - len(held)} "
+              f"streamed in 2 passes; would read {bytes_read / 1e9:.2f} GB from {M + 1} "
+              f"checkpoints, write {plan['bytes_written'] / 1e9:.2f} GB to {out}; estimated peak "
+              f"memory {(est_peak + held_peak) / 2**20:.0f} MB of buffers ({workers.n} workers, "
+              f"{held_peak / 2**20:.0f} MB of held groups) + the Python/torch process "
               f"(largest tensor {plan['largest_tensor']}); nothing written")
         return {"dry_run": True, **plan}
 
     _sweep_stale_temps(out)
     t_validated = time.perf_counter()
 
-    # Pass 1: per-group Gram matrices of the task vectors, float64, block by block.
-    prog = Progress("pass 1/2 (angles)", len(mergeable), (M + 1) * sum(
-        init_ck.tensors[n].nbytes for n in mergeable), progress)
-    grams = _group_grams(inputs, mergeable, groups, granularity, block_elems, workers, prog)
-    t_pass1 = prog.done()
+    coefs, group_entries, fallback_counts = {}, {}, {}
 
-    coefs, group_entries, n_fallbacks = {}, {}, 0
-    for g, gram in grams.items():
-        c, omegas, fallbacks = warp_min.merge_coefficients(gram, lam, method)
-        coefs[g] = c
-        n_fallbacks += fallbacks
-        group_entries[g] = {"tensors": len(groups[g]),
-                            "params": sum(init_ck.tensors[n].numel for n in groups[g]),
-                            **_group_report(gram, c, omegas, fallbacks, method)}
+    def set_coefficients(grams):
+        for g, gram in grams.items():
+            c, omegas, fallbacks = warp_min.merge_coefficients(gram, lam, method)
+            coefs[g], fallback_counts[g] = c, fallbacks
+            group_entries[g] = {"tensors": len(groups[g]),
+                                "params": sum(init_ck.tensors[n].numel for n in groups[g]),
+                                **_group_report(gram, c, omegas, fallbacks, method)}
+
+    # Pass 1 (streamed groups only): per-group Gram matrices of the task vectors, float64.
+    t_pass1 = 0.0
+    if streamed:
+        prog = Progress("pass 1/2 (angles of streamed groups)", len(streamed),
+                        (M + 1) * streamed_bytes, progress)
+        set_coefficients(_group_grams(inputs, streamed, granularity, block_elems, workers, prog))
+        t_pass1 = prog.done()
 
     # Pass 2: write init + sum_m c_m delta_m (then LITI) into a hidden temporary beside --out.
     parent, base = os.path.dirname(_resolve(out)), os.path.basename(_resolve(out))
@@ -746,10 +905,20 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
     try:
         if not single:
             os.makedirs(tmp)
-        prog = Progress("pass 2/2 (write)", len(names), (M + 2) * in_bytes, progress)
+        prog = Progress("pass 2/2 (write)" if streamed else "single pass (angles + write)",
+                        len(names), (M + 1) * in_bytes * 2 + in_bytes, progress)
+
+        def load_group(g):                              # a held group: read once, Gram, keep blocks
+            cache = {}
+            set_coefficients(_group_grams(inputs, groups[g], granularity, block_elems, workers,
+                                          prog, cache))
+            return cache
+
         written = _write_merged(tmp, single, inputs, coefs, set(copied), granularity, eta,
-                                block_elems, workers, prog)
+                                block_elems, workers, prog, load_group)
         t_pass2 = prog.done()
+        group_entries = {g: group_entries[g] for g in groups}    # report in model order
+        n_fallbacks = sum(fallback_counts.values())
 
         copied_files = []
         if not single:
@@ -769,7 +938,9 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
             "init": init, "policies": list(policies), "out": out, "method": method,
             "granularity": granularity, "lam": 0.5 if lam is None and M == 2 else lam, "eta": eta,
             "params_in": params, "params_out": params, "tensors": len(names),
-            "bytes_read": 2 * (M + 1) * in_bytes, "bytes_written": written,
+            "bytes_read": bytes_read, "bytes_written": written,
+            "held_groups": len(held), "streamed_groups": len(groups) - len(held),
+            "group_budget_mb": budget / 2**20,
             "lerp_fallbacks": n_fallbacks,
             "nonfinite": {"inputs_checked": True, "input_nonfinite": 0,
                           "outputs_checked": True, "output_nonfinite": 0},
@@ -814,6 +985,15 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
 # ----------------------------------------------------------------------------------------------
 
 
+def _group_budget(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB or auto") from None
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         raise CheckpointError(message)
@@ -848,6 +1028,12 @@ def build_parser():
                    help="replace an existing --out (only once the new output is complete)")
     p.add_argument("--workers", type=int, default=None,
                    help="threads working on different blocks (default: number of CPUs, at most 4)")
+    p.add_argument("--max-group-mb", type=_group_budget, default=0, metavar="MB",
+                   help="read groups (e.g. transformer blocks) of up to MB MiB in all inputs once "
+                        "and hold them between their angle and their write, instead of reading "
+                        "every input twice: halves the reading when the inputs are not in the page "
+                        "cache; 'auto' = min(2048, 2 x the largest tensor in float64 - working "
+                        "buffers); default 0 (stream everything). The output is the same either way")
     p.add_argument("--quiet", action="store_true", help="no progress lines or report table")
     return p
 
@@ -859,7 +1045,8 @@ def merge_cli(argv):
         merge_checkpoints(args.init, args.policies, args.out, lam=args.lam, eta=args.eta,
                           granularity=args.granularity, method=args.method, dry_run=args.dry_run,
                           overwrite=args.overwrite, progress=not args.quiet,
-                          allow_extrapolation=args.allow_extrapolation, workers=args.workers)
+                          allow_extrapolation=args.allow_extrapolation, workers=args.workers,
+                          max_group_mb=args.max_group_mb)
     except CheckpointError as e:
         print(f"merge: error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ in a temporary directory, then runs, each in its own subprocess so peak RSS is p
 
   (a) baseline: read every tensor of the M + 1 inputs (safe_open) and write one output of the
       same size (streaming writer, fsync) -- the I/O floor of any merge;
-  (b) the merge: checkpoints.merge_checkpoints (2 passes over the inputs, 1 write);
+  (b) the merge: checkpoints.merge_checkpoints (2 read passes over the inputs, 1 write; with
+      --max-group-mb, groups that fit are read once and held);
   (c) python + torch + safetensors + warp_min imported, nothing else: the interpreter overhead.
 
 Prints wall times, the ratio (b)/(a) (goal: <= 2) and peak RSS against the largest tensor in
@@ -121,7 +122,9 @@ def child_baseline(init_dir, policy_dirs, out_dir):
 
 def child_merge(init_dir, policy_dirs, out_dir):
     import checkpoints as ck
-    ck.merge_checkpoints(init_dir, policy_dirs, out_dir, progress=True)
+    budget = os.environ.get("WARP_BENCH_MAX_GROUP_MB", "0")
+    ck.merge_checkpoints(init_dir, policy_dirs, out_dir, progress=True,
+                         max_group_mb=budget if budget == "auto" else float(budget))
 
 
 def child_idle():
@@ -157,6 +160,7 @@ def main():
     ap.add_argument("--shard-gb", type=float, default=0.25, help="shard size of the synthetic files")
     ap.add_argument("--workdir", default=None, help="where to put the data (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    ap.add_argument("--max-group-mb", default="0", help="the merge's --max-group-mb (0 = two read passes)")
     ap.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
@@ -183,6 +187,7 @@ def main():
         idle_wall, idle_rss = run_child("idle")
         base_wall, base_rss = run_child("baseline", *dirs, os.path.join(workdir, "baseline_out"))
         shutil.rmtree(os.path.join(workdir, "baseline_out"))
+        os.environ["WARP_BENCH_MAX_GROUP_MB"] = args.max_group_mb
         merge_wall, merge_rss = run_child("merge", *dirs, os.path.join(workdir, "merged"), show=True)
         # the machine may be shared: measure the baseline again after the merge, keep the faster
         base_wall2, _ = run_child("baseline", *dirs, os.path.join(workdir, "baseline_out"))
@@ -192,8 +197,10 @@ def main():
         print(f"\n(a) read {n_in} x {total / 1e9:.2f} GB + write {total / 1e9:.2f} GB: "
               f"{base_wall:6.1f} s  ({(n_in + 1) * total / 1e9 / base_wall:.2f} GB/s moved), "
               f"peak RSS {base_rss:6.0f} MB")
-        print(f"(b) merge (2 reads + 1 write):        {merge_wall:6.1f} s  "
-              f"({(2 * n_in + 1) * total / 1e9 / merge_wall:.2f} GB/s moved), peak RSS {merge_rss:6.0f} MB")
+        reads = 2 if args.max_group_mb == "0" else 1       # held groups: read once (if they fit)
+        print(f"(b) merge ({reads} read{'s' * (reads > 1)} + 1 write, --max-group-mb {args.max_group_mb}): "
+              f"{merge_wall:6.1f} s  ({(reads * n_in + 1) * total / 1e9 / merge_wall:.2f} GB/s moved), "
+              f"peak RSS {merge_rss:6.0f} MB")
         print(f"    ratio merge / read+write = {merge_wall / base_wall:.2f}  (goal <= 2)")
         print(f"    interpreter (python + torch + safetensors) alone: peak RSS {idle_rss:.0f} MB "
               f"(startup {idle_wall:.1f} s, not in the times above)")

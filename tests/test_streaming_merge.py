@@ -245,6 +245,67 @@ def test_block_size_and_workers_do_not_change_the_result(tmp_path):
     assert abs(ra["groups"]["model.layers.1"]["omega_deg"] - rc["groups"]["model.layers.1"]["omega_deg"]) < 1e-9
 
 
+def _shard_bytes(path):
+    return {f: open(os.path.join(path, f), "rb").read()
+            for f in sorted(os.listdir(path)) if f.endswith(".safetensors")}
+
+
+@pytest.mark.parametrize("granularity", ["layer", "tensor", "model"])
+def test_held_groups_give_the_same_bytes_as_two_passes(tmp_path, granularity):
+    """--max-group-mb: groups read once and held in memory give byte-identical shards (and the
+    same angles) as streaming every group in two passes -- all held, none held, or a budget that
+    holds some groups and streams the others; whatever the block size and number of workers."""
+    _, _, init_dir, pol_dirs = make_set(tmp_path, M=3, dtype=torch.bfloat16)
+    runs = {}
+    for label, budget, block, workers in [("stream", 0, 7, 1), ("auto", "auto", 7, 3),
+                                          ("all", 1.0, 64, 2), ("some", 0.002, 7, 2)]:
+        out = str(tmp_path / label)
+        report = checkpoints.merge_checkpoints(init_dir, pol_dirs, out, progress=False, eta=0.7,
+                                               granularity=granularity, block_elems=block,
+                                               workers=workers, max_group_mb=budget)
+        runs[label] = (report, _shard_bytes(out))
+    n_groups = len(runs["stream"][0]["groups"])
+    assert runs["stream"][0]["held_groups"] == 0 and runs["all"][0]["held_groups"] == n_groups
+    if granularity != "model":                      # 0.002 MiB holds the small groups only
+        assert 0 < runs["some"][0]["held_groups"] < n_groups
+    assert runs["all"][0]["bytes_read"] * 2 == runs["stream"][0]["bytes_read"]
+    for label, (report, shards) in runs.items():
+        assert shards == runs["stream"][1], label
+        assert report["groups"] == runs["stream"][0]["groups"], label
+
+
+def test_group_budget_plan():
+    """A group is held only if it fits in what the budget has left when its first tensor comes
+    up; its tensors give their bytes back as they are written (M + 1 inputs counted)."""
+    class Ckpt:
+        tensors = {n: checkpoints.TensorInfo(n, "F32", (k,), "f", 0) for n, k in
+                   [("embed", 100), ("layers.0.a", 50), ("layers.0.b", 50), ("layers.1.a", 300), ("norm", 10)]}
+    names = list(Ckpt.tensors)
+    plan = lambda budget: checkpoints._plan_held_groups(Ckpt(), names, "layer", 2, budget)
+    assert plan(0) == (set(), 0)
+    assert plan(1200) == ({"embed", "layers.0", "norm"}, 1200)       # 3 inputs x 4 bytes x 100
+    assert plan(3600) == ({"embed", "layers.0", "layers.1", "norm"}, 3600)
+    assert plan(1199) == ({"norm"}, 120)                                # nothing else fits
+    # groups interleaved in output order: the second is held only if both fit at once
+    Ckpt.tensors = {n: checkpoints.TensorInfo(n, "F32", (50,), "f", 0) for n in
+                    ["layers.0.a", "layers.1.a", "layers.0.b", "layers.1.b"]}
+    names = list(Ckpt.tensors)
+    assert plan(1200) == ({"layers.0"}, 1200)
+    assert plan(1799) == ({"layers.0"}, 1200)
+    assert plan(1800) == ({"layers.0", "layers.1"}, 1800)        # layers.0.a written first
+
+
+def test_background_writer_error_is_raised():
+    """A failing write (disk full...) on the writer thread is raised in the merging thread."""
+    def fail(_piece):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        with checkpoints._BackgroundWrites() as background:
+            background.put(fail, torch.zeros(1))
+            for _ in range(200):                   # later puts (or the exit) raise it
+                background.put(lambda p: None, torch.zeros(1))
+
+
 def test_layout_index_and_side_files_mirrored(tmp_path):
     """Same shard files holding the same tensors, index total_size correct, config copied."""
     _, _, init_dir, pol_dirs = make_set(tmp_path)
@@ -395,6 +456,10 @@ BAD_CASES = {
     "eta_negative": (None, lambda a, i, p, o: a + ["--eta", "-0.1"], "--eta -0.1 is outside"),
     "bad_granularity": (None, lambda a, i, p, o: a + ["--granularity", "block"], "invalid choice"),
     "no_init": (None, lambda a, i, p, o: ["--policies", *p, "--out", o], "--init"),
+    "group_budget": (None, lambda a, i, p, o: a + ["--max-group-mb", "-5"], "--max-group-mb -5.0: needs"),
+    "group_budget_word": (None, lambda a, i, p, o: a + ["--max-group-mb", "lots"], "not a number of MiB"),
+    "non_finite_held": (("pol1", _nan_in_one), lambda a, i, p, o: a + ["--max-group-mb", "auto"],
+                        "non-finite values (nan/inf) in tensor model.layers.2.mlp.down_proj.weight"),
 }
 
 
