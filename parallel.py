@@ -6,7 +6,8 @@
 Run m of every iteration trains on rank m % world_size; each run's seed depends only on
 (seed, iteration, m), so the result does not depend on how many processes there are: with the
 same threads per process a parallel run gives the same weights and metrics as a sequential one,
-bit for bit on CPU. The weights meet through collectives: after its runs, every rank broadcasts
+bit for bit on CPU. The plain-RL baseline trains on the last rank after its WARP runs. The weights
+meet through collectives: after its runs, every rank broadcasts
 the runs it owns (tensor by tensor, from the owning rank); rank 0 -- the only one that writes
 files -- merges, applies LITI, evaluates, and broadcasts the next theta_init. The metric rows of
 every run are gathered to rank 0 and written in run order, as a sequential run writes them.
@@ -17,6 +18,7 @@ rank and its error; collectives also time out (WARP_MIN_DIST_TIMEOUT seconds, de
 than hang forever.
 """
 
+import contextlib
 import datetime
 import os
 import signal
@@ -43,6 +45,18 @@ def init_from_env(device):
     if os.environ.get("WARP_MIN_TEST_KILL_RANK") == str(dist.get_rank()):   # tests: a rank that dies
         os.kill(os.getpid(), signal.SIGKILL)
     return world()
+
+
+@contextlib.contextmanager
+def using_threads(n):
+    """Run a block with n torch threads: rank 0 uses every core while the other ranks wait for it
+    (SFT, merge and evaluation), and its share of them while all ranks train."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def finish():

@@ -695,13 +695,16 @@ def warp(cfg: Config, log=print, resume=False):
             states = {"theta_init": theta_init, **{f"finished{m}": p for m, p in enumerate(finished)}}
             resume_io.save(checkpoint_path, progress, states, run)
 
-    theta_sft = theta_sft_of(cfg, device, log) if lead or cfg.init else None  # toy SFT or the --init checkpoint
+    def all_cores():                      # rank 0 alone at work (others wait): every core it may use
+        return parallel.using_threads(max(1, min(cfg.threads, os.cpu_count() or 1)))
+    with all_cores():
+        theta_sft = theta_sft_of(cfg, device, log) if lead or cfg.init else None  # toy SFT or the --init checkpoint
     if world_size > 1 and not cfg.init:
         template = {k: v.to(policy_dtype(cfg)) for k, v in cpu_state(build_model(cfg)).items()}
         theta_sft = parallel.share_state(theta_sft, 0, template, device)
     sft_model = build_model(cfg, theta_sft, device)
     models = {"sft": theta_sft}
-    if not saved and lead:
+    if not saved and lead:   # (the other ranks are already training: rank 0 keeps to its share of cores)
         emit({"kind": "eval", "label": "theta_sft", "iteration": 0, **evaluate(sft_model, sft_model, cfg, device)})
     etas = [float(e) for e in cfg.etas.split(",")]
     theta_init = saved_states.get("theta_init", theta_sft)
@@ -728,31 +731,40 @@ def warp(cfg: Config, log=print, resume=False):
                     emit(row)
         policies += [trained[m] for m in sorted(trained)]
         if lead:
-            theta_next = merge_and_evaluate(cfg, it, theta_init, theta_sft, policies, sft_model, etas, emit, log, rows)
+            with all_cores():
+                theta_next = merge_and_evaluate(cfg, it, theta_init, theta_sft, policies, sft_model, etas, emit, log, rows)
         if world_size > 1:
             theta_next = parallel.share_state(theta_next if lead else None, 0, theta_init, device)
         theta_init = theta_next             # next iteration's init
         checkpoint(it + 1, [])
-    if not lead:
-        return None                         # rank 0 trains the baseline and writes the outputs
-    models["warp"] = theta_init
-    if cfg.init:  # choice: a checkpoint run writes a Hugging Face directory (instead of final.safetensors)
-        save_checkpoint(build_model(cfg, theta_init), cfg.init, os.path.join(cfg.out, "final"))
-    else:
-        save_safetensors(theta_init, os.path.join(cfg.out, "final.safetensors"))
+    if lead:
+        models["warp"] = theta_init
+        if cfg.init:  # choice: a checkpoint run writes a Hugging Face directory (instead of final.safetensors)
+            save_checkpoint(build_model(cfg, theta_init), cfg.init, os.path.join(cfg.out, "final"))
+        else:
+            save_safetensors(theta_init, os.path.join(cfg.out, "final.safetensors"))
 
     if cfg.baseline:  # plain RL: fixed SFT anchor, same total number of steps as all WARP iterations
-        log(f"baseline: plain RL with the SFT anchor, {cfg.iterations * cfg.steps} steps")
+        baseline_rank, baseline_rows = world_size - 1, []    # under torchrun: the last rank trains it
         baseline_phase = cfg.iterations + 1      # the checkpoint's "iteration" while the baseline trains
-        models["plain"] = train_policy(cfg, theta_sft, theta_sft, run_seed(cfg.seed, 0, cfg.runs),
-                                       cfg.iterations * cfg.steps, anchor="sft",
-                                       tag={"iteration": 0, "run": "sft-anchor"}, log=log, emit=emit,
-                                       resume=saved_run,
-                                       on_checkpoint=lambda run: checkpoint(baseline_phase, [], run))[0]
+        if rank == baseline_rank:
+            log(f"baseline: plain RL with the SFT anchor, {cfg.iterations * cfg.steps} steps")
+            models["plain"] = train_policy(
+                cfg, theta_sft, theta_sft, run_seed(cfg.seed, 0, cfg.runs), cfg.iterations * cfg.steps,
+                anchor="sft", tag={"iteration": 0, "run": "sft-anchor"}, log=log,
+                emit=emit if world_size == 1 else baseline_rows.append, resume=saved_run,
+                on_checkpoint=(lambda run: checkpoint(baseline_phase, [], run)) if world_size == 1 else None)[0]
+        if world_size > 1:
+            models["plain"] = parallel.share_state(models.get("plain"), baseline_rank, theta_sft, device)
+            for row in parallel.gather_rows({"baseline": baseline_rows} if rank == baseline_rank else {}).get("baseline", []):
+                emit(row)
+    if not lead:
+        return None                         # rank 0 writes the outputs
     metrics_file.close()
     from toy_tasks.report import summarize
-    result = summarize(cfg, rows, models, lambda state: build_model(cfg, state, device), sample,
-                       run_seed(cfg.seed, -3, 0), log)
+    with all_cores():
+        result = summarize(cfg, rows, models, lambda state: build_model(cfg, state, device), sample,
+                           run_seed(cfg.seed, -3, 0), log)
     if os.path.exists(checkpoint_path):
         os.remove(checkpoint_path)   # the run is complete: nothing left to resume
     return result

@@ -20,8 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(args):
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, os.path.join(ROOT, "warp_min.py"), *args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "warp_min.py"), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: warp_min.py {' '.join(args)}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t0
 
 
