@@ -915,7 +915,8 @@ def parse_config(argv):
     """Settings from the command line -> (Config, resume?). Raises UsageError for any user mistake."""
     parser = ArgumentParser(
         prog="warp_min.py demo", description="WARP on the toy review task: SFT, then I x (M RL runs -> "
-        "SLERP -> LITI), evaluation, a Pareto plot and a summary table.",
+        "SLERP -> LITI), evaluation, a Pareto plot and a summary table. "
+        "(`python warp_min.py merge --help`: merge real safetensors checkpoints.)",
         epilog="--init DIR starts from a Hugging Face Gemma checkpoint instead of the toy SFT model: "
         "theta_sft = its weights (no SFT), the network comes from DIR/config.json (the model flags --n-layer "
         ".. --d-ff and the --sft-* flags are ignored), prompts are encoded and completions decoded with "
@@ -930,7 +931,8 @@ def parse_config(argv):
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["doc"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{f.metadata['doc']} (default: {f.default!r})")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=typ, default=None, help=f"{f.metadata['doc']} (default: {f.default!r})")
