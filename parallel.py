@@ -60,7 +60,10 @@ def using_threads(n):
 
 
 def finish():
+    """Leave the process group together: a barrier first, so no rank tears down its connections while
+    another is still using them (gloo then aborts the process)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -990,8 +990,7 @@ def main(argv=None):
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        parallel.finish()
+    parallel.finish()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done in {time.time() - t0:.0f}s; outputs in {cfg.out}/")
     return 0
