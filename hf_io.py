@@ -19,6 +19,16 @@ SINGLE_NAME = "model.safetensors"
 SHARD_PATTERN = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
+def save_atomic(tensors, path, metadata=None):
+    """One safetensors file written atomically: into PATH.tmp, fsync'ed, renamed into place. A kill
+    at any moment leaves the previous file or the new one, never a torn one."""
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_config(path):
     """config.json of a checkpoint directory as a dict."""
     config_file = os.path.join(path, "config.json")

@@ -10,11 +10,11 @@ leaves the previous checkpoint or the new one, never a torn one.
 """
 
 import json
-import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+import hf_io
 
 
 def pack_run(step, policy, anchor, optimizer, schedule, prompt_rng, sample_gen, skips, mixed=None):
@@ -66,11 +66,7 @@ def save(path, progress, state_dicts, run=None):
     if run is not None:
         meta["run"] = run[0]
         tensors |= {f"run/{k}": v for k, v in run[1].items()}
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"warp_min": json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    hf_io.save_atomic(tensors, path, metadata={"warp_min": json.dumps(meta)})
 
 
 def load(path):

@@ -40,6 +40,7 @@ import resume as resume_io
 from model import ModelConfig, Transformer, completion_logprobs, completion_mask, config_from_hf
 from reward import quality, reward, reward_breakdown
 from toy_tasks import reviews
+from toy_tasks.report import load_rows
 from toy_tasks.tokenizer import ToyTokenizer, encode, eot_id
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def warmup_cosine(step, warmup, total):
 
 def train_sft(cfg: Config, device, log=print):
     """Next-token prediction on random windows of the corpus (nanoGPT-style). Returns theta_sft."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     path = sft_cache_path(cfg)
     if os.path.exists(path):
         log(f"theta_sft: cached {path}")
@@ -411,9 +412,7 @@ def train_sft(cfg: Config, device, log=print):
             log(f"sft step {step:4d}  loss {loss.item():.3f}  {time.time() - t0:5.1f}s")
     state = cpu_state(model)
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(state, tmp)
-    os.replace(tmp, path)   # atomic: a killed run never leaves a half-written cache entry
+    hf_io.save_atomic(state, path)   # a killed run never leaves a half-written cache entry
     return state
 
 
@@ -674,7 +673,7 @@ def warp(cfg: Config, log=print, resume=False):
         log(f"resuming {cfg.out}: iteration {saved['iteration']}, {saved['finished']} finished run(s)"
             + (f", run in progress at step {saved_run[0]['step']}" if saved_run else ""))
     # metrics written after the checkpoint are dropped: the resumed run writes them again
-    rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))[:saved["n_rows"]] if saved else []
+    rows = load_rows(os.path.join(cfg.out, "metrics.jsonl"))[:saved["n_rows"]] if saved else []
     metrics_file = None
     if lead:
         os.makedirs(cfg.out, exist_ok=True)
@@ -742,7 +741,7 @@ def warp(cfg: Config, log=print, resume=False):
         if cfg.init:  # choice: a checkpoint run writes a Hugging Face directory (instead of final.safetensors)
             save_checkpoint(build_model(cfg, theta_init), cfg.init, os.path.join(cfg.out, "final"))
         else:
-            save_safetensors(theta_init, os.path.join(cfg.out, "final.safetensors"))
+            hf_io.save_atomic(theta_init, os.path.join(cfg.out, "final.safetensors"))
 
     if cfg.baseline:  # plain RL: fixed SFT anchor, same total number of steps as all WARP iterations
         baseline_rank, baseline_rows = world_size - 1, []    # under torchrun: the last rank trains it
@@ -795,26 +794,8 @@ def merge_and_evaluate(cfg, it, theta_init, theta_sft, policies, sft_model, etas
     return theta_next
 
 
-def read_metrics(path):
-    """The complete lines of metrics.jsonl (a run killed mid-write may leave a partial last line)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
 def row_str(row):
     return f"{row['label']}: reward {row['reward']:.3f}, KL {row['kl']:.2f}, quality {row['quality']:.2f}"
-
-
-def save_safetensors(state, path):
-    """Write a state dict atomically (temporary file, fsync, rename)."""
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(model, source, path):

@@ -11,8 +11,12 @@ import torch
 
 
 def load_rows(path):
+    """The rows of a metrics.jsonl; [] if there is none. Only complete lines: a run killed mid-write
+    may leave a partial last line (and --resume truncates the file to its checkpoint's rows)."""
+    if not os.path.exists(path):
+        return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 def plot_pareto(rows, path, title="WARP on the toy review task"):
