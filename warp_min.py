@@ -17,6 +17,8 @@ Read top to bottom; each section is one step of the paper's Algorithm 1:
 Every choice the paper leaves open is marked "choice:" (grep for it). The CLI is at the bottom:
 `python warp_min.py` runs the toy demo; `--help` lists every setting; `--init DIR` starts the same
 loop from a Hugging Face Gemma checkpoint instead of the toy SFT model (theta_sft_of()).
+`python warp_min.py merge` merges real checkpoints (checkpoints.py); `python warp_min.py reproduce`
+tests each claim of the paper on the toy task (reproduce.py).
 """
 
 import argparse
@@ -897,7 +899,8 @@ def parse_config(argv):
     parser = ArgumentParser(
         prog="warp_min.py demo", description="WARP on the toy review task: SFT, then I x (M RL runs -> "
         "SLERP -> LITI), evaluation, a Pareto plot and a summary table. "
-        "(`python warp_min.py merge --help`: merge real safetensors checkpoints.)",
+        "(`python warp_min.py merge --help`: merge real safetensors checkpoints; `python warp_min.py reproduce "
+        "--help`: test each claim of the paper.)",
         epilog="--init DIR starts from a Hugging Face Gemma checkpoint instead of the toy SFT model: "
         "theta_sft = its weights (no SFT), the network comes from DIR/config.json (the model flags --n-layer "
         ".. --d-ff and the --sft-* flags are ignored), prompts are encoded and completions decoded with "
@@ -953,6 +956,9 @@ def main(argv=None):
     if argv and argv[0] == "merge":
         import checkpoints
         return checkpoints.merge_cli(argv[1:])
+    if argv and argv[0] == "reproduce":
+        import reproduce
+        return reproduce.main(argv[1:])
     if argv and argv[0] == "demo":
         argv = argv[1:]
     try:

@@ -1,0 +1,127 @@
+"""`warp_min.py reproduce` at a tiny budget: claims.json is complete and well-formed, every verdict
+follows from its numbers by the rule in reproduce.CLAIMS, and the same seeds give the same bytes
+whatever the number of worker processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import reproduce as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(base=dict(n_layer=1, d_model=32, head_dim=8, d_ff=64, sft_steps=20, sft_docs=300, steps=8, lr=1e-3,
+                      eval_every=4, eval_prompts=4, eval_samples=2, max_new_tokens=24),
+            cells={"batch 4": dict(prompts_per_step=1), "batch 8": dict(), "width 16": dict(d_model=16, head_dim=4, d_ff=32)},
+            seeds=[0, 1, 2], iterations=3, beta_large=1.0, lambdas=[0, 0.5, 1], etas=[0, 0.5, 1])
+VERDICTS = {"reproduced", "partly", "not reproduced"}
+
+
+def reproduce_tiny(tmp, workers):
+    raw = R.collect(TINY, str(tmp / "cache"), workers, log=lambda s: None)
+    R.write_outputs(raw, str(tmp / "out"))
+    return tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    return reproduce_tiny(tmp_path_factory.mktemp("two-workers"), workers=2)
+
+
+@pytest.fixture(scope="module")
+def claims(outputs):
+    with open(outputs / "claims.json") as f:
+        return json.load(f)
+
+
+def test_every_claim_is_there_with_its_numbers_and_figure(outputs, claims):
+    assert [c["id"] for c in claims] == list(range(1, 11))
+    for c in claims:
+        assert set(c) >= {"id", "title", "paper", "rule", "checks", "seeds", "per_seed", "mean", "spread",
+                          "verdict", "figure"}
+        assert c["paper"] and c["checks"] and c["verdict"] in VERDICTS
+        assert c["seeds"] == [0, 1, 2] and sorted(c["per_seed"]) == ["0", "1", "2"]
+        names = set(c["per_seed"]["0"])
+        assert names and all(set(v) == names for v in c["per_seed"].values())
+        for name in names:                    # mean and spread are those of the per-seed values
+            xs = [v[name] for v in c["per_seed"].values() if v[name] is not None]
+            if xs:
+                assert math.isclose(c["mean"][name], np.mean(xs), rel_tol=1e-12, abs_tol=1e-12)
+                assert math.isclose(c["spread"][name], np.std(xs, ddof=1), rel_tol=1e-9, abs_tol=1e-12)
+        for check in c["checks"]:
+            assert len(check["per_seed"]) == 3 and all(isinstance(b, bool) for b in check["per_seed"])
+        with open(outputs / c["figure"], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    table = (outputs / "claims.md").read_text()
+    assert sum(line.startswith("| ") and line[2:].split(" ")[0].isdigit() for line in table.splitlines()) == 10
+
+
+def test_each_verdict_follows_from_its_numbers(claims):
+    for c in claims:
+        checks, verdict = R.recheck(c)
+        assert [{"check": k, "per_seed": v} for k, v in checks.items()] == c["checks"]
+        assert verdict == c["verdict"]
+
+
+def test_verdicts_change_with_the_numbers(claims):
+    """The rule reads the numbers: SLERP below LERP in every seed fails claim 3's first check."""
+    c = json.loads(json.dumps(next(c for c in claims if c["id"] == 3)))
+    for v in c["per_seed"].values():
+        v["reward_slerp_0.5"], v["reward_lerp_0.5"] = 1.0, 2.0
+        v["kl_slerp_0.5"], v["kl_lerp_0.5"] = 2.0, 1.0
+    checks, verdict = R.recheck(c)
+    assert list(checks.values()) == [[False] * 3, [True] * 3] and verdict == "partly"
+    for v in c["per_seed"].values():
+        v["kl_slerp_0.5"], v["kl_lerp_0.5"] = 1.0, 2.0
+    assert R.recheck(c)[1] == "not reproduced"
+    for v in c["per_seed"].values():
+        v["reward_slerp_0.5"], v["reward_lerp_0.5"], v["kl_lerp_0.5"] = 3.0, 2.0, 0.5
+    assert R.recheck(c)[1] == "reproduced"
+
+
+def test_same_seeds_same_bytes_whatever_the_workers(outputs, tmp_path):
+    again = reproduce_tiny(tmp_path, workers=1)      # fresh cache: everything retrained, in one process
+    for name in ("claims.json", "raw.json", "claims.md", "claim01.png", "claim07.png"):
+        assert (again / name).read_bytes() == (outputs / name).read_bytes(), name
+
+
+def test_verdict_rule():
+    assert R.verdict({"a": [True, True, True], "b": [True, True, True]}) == "reproduced"
+    assert R.verdict({"a": [True, True, False], "b": [False, False, False]}) == "partly"
+    assert R.verdict({"a": [True, False, False], "b": [False, True, False]}) == "not reproduced"
+
+
+def test_rule_helpers():
+    points = [{"kl": 0.0, "reward": 0.0}, {"kl": 2.0, "reward": 1.0}, {"kl": 4.0, "reward": 1.5}]
+    assert R.at(points, 1.0) == 0.5 and R.at(points, 3.0) == 1.25 and R.at(points, 5.0) is None
+    assert R.at(points, 0.75, "reward", "kl") == 1.5
+    assert R.gt(None, 0) is False and R.lt(0, None) is False and R.diff(None, 1) is None
+    assert R.above_chord([0, 0.5, 1], [0, 1, 0]) == 1.0 and R.above_chord([0, 0.5, 1], [0, -1, 0]) == -1.0
+    assert R.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert R.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert R.spearman([1, 2], [1, 2]) is None
+    assert R.r_squared([0, 1, 2], [1, 3, 5]) == pytest.approx(1.0)
+
+
+def test_choose_regime_skips_degenerate_runs():
+    def cell(cos, quality):
+        return {"0": {"cosine": cos, "trajectories": [[{"quality": quality}]] * 2}}
+    assert R.choose_regime({"a": cell(0.5, 0.9), "b": cell(0.2, 0.9), "c": cell(0.1, 0.3)}) == "b"
+    assert R.choose_regime({"a": cell(0.5, 0.1)}) == R.DEFAULT_CELL
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--preset", "huge"], "invalid choice"),
+    (["--out", "README.md"], "--out README.md: exists and is not a directory"),
+    (["--out", "tests"], "--out tests: a non-empty directory that holds no earlier reproduction"),
+])
+def test_cli_errors_are_one_line(args, message):
+    result = subprocess.run([sys.executable, "warp_min.py", "reproduce", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
