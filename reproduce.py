@@ -9,7 +9,7 @@ workers there are), merges in the main process, and evaluations back in the work
 scored on the same prompts with the same random numbers. A run is cached on disk under its full
 description, so an interrupted reproduction continues where it stopped.
 
-  phase 1  claim 10: two runs per (regime, seed) for five regimes (batch size, width)
+  phase 1  claim 10: two runs per (regime, seed) for seven regimes (batch size, width, run length, lr)
            -> the regime whose task vectors are the most orthogonal ("closest to the paper's")
   phase 2  in that regime: two more runs (M = 4), the anchor/beta runs of claim 1, iteration 2
   phase 3+ iterations 3..I of the WARP loop (claim 7)
@@ -23,13 +23,11 @@ Outputs in --out: claims.json, claims.md (the table in README), raw.json (every 
 PNG per claim.
 """
 
-import argparse
 import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -52,6 +50,9 @@ FULL_CELLS = {   # claim 10's regimes: one factor at a time around the demo's se
     "batch 32": dict(prompts_per_step=8),
     "width 64": dict(d_model=64, head_dim=16, d_ff=256),
     "width 256": dict(d_model=256, head_dim=64, d_ff=1024),
+    # added after the first full run, which had only the five above (README, "Does it reproduce?"):
+    "50 steps": dict(steps=50, eval_every=10),                # runs stopped far below the reward ceiling
+    "lr 1e-3": dict(lr=1e-3),                                 # gradient noise through the step size
 }
 PRESETS = {
     "full": dict(base=dict(), cells=FULL_CELLS, seeds=[0, 1, 2], iterations=4, beta_large=1.0,
@@ -59,7 +60,8 @@ PRESETS = {
     "quick": dict(base=W.PRESETS["quick"],
                   cells={"batch 4": dict(prompts_per_step=1), "batch 8": dict(), "batch 32": dict(prompts_per_step=8),
                          "width 32": dict(d_model=32, head_dim=8, d_ff=128),
-                         "width 128": dict(d_model=128, head_dim=32, d_ff=512)},
+                         "width 128": dict(d_model=128, head_dim=32, d_ff=512), "10 steps": dict(steps=10, eval_every=5),
+                         "lr 3e-3": dict(lr=3e-3)},
                   seeds=[0, 1, 2], iterations=3, beta_large=1.0, lambdas=[0, 0.25, 0.5, 0.75, 1],
                   etas=[0, 0.1, 0.3, 0.5, 0.8, 1]),
 }
@@ -150,9 +152,8 @@ class Lab:
         self.cfgs = {}
         for name, overrides in preset["cells"].items():
             cfg = W.Config(**{**preset["base"], **overrides, "seed": 0, "cache_dir": os.path.join(cache, "sft"),
-                              "eval_every": preset["base"].get("eval_every", 50), "baseline": False})
+                              "baseline": False})
             self.cfgs[name] = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-        self.steps = W.Config(**preset["base"]).steps
         os.makedirs(os.path.join(cache, "runs"), exist_ok=True)
         self.sft_states = {}
         self.submitted = self.done = 0       # runs trained in this invocation (cached ones are not counted)
@@ -185,9 +186,12 @@ class Lab:
             steps=None, checkpoints=False):
         """A future of Run. Seeds: warp_min.run_seed(seed, iteration, run), as in the demo."""
         spec = {"cell": cell, "seed": W.run_seed(seed, iteration, run), "init": init_name, "anchor": anchor,
-                "beta": self.cfg(cell).beta if beta is None else beta, "steps": steps or self.steps,
+                "beta": self.cfg(cell).beta if beta is None else beta, "steps": steps or self.cfg(cell).steps,
                 "checkpoints": checkpoints}
-        key = hashlib.sha256((self.cfgs[cell] + json.dumps(spec, sort_keys=True)).encode()).hexdigest()[:20]
+        digest = hashlib.sha256((self.cfgs[cell] + json.dumps(spec, sort_keys=True)).encode())
+        for name in sorted(init or {}):           # a later iteration's init: keyed by its bits, never stale
+            digest.update(name.encode() + init[name].contiguous().view(torch.uint8).numpy().tobytes())
+        key = digest.hexdigest()[:20]
         path = os.path.join(self.cache, "runs", key)
         if os.path.exists(path + ".json"):
             done = concurrent.futures.Future()
@@ -247,22 +251,22 @@ def trajectory(start, run):
 def collect(preset, cache, workers, log=print):
     """Run every experiment; returns raw measurements (json-able), the input of every claim."""
     lab = Lab(preset, cache, workers, log)
-    seeds, cells, T = preset["seeds"], list(preset["cells"]), lab.steps
+    seeds, cells = preset["seeds"], list(preset["cells"])
     t0 = time.time()
 
     def phase(name):
         log(f"[{time.time() - t0:6.0f}s] {name}")
 
     try:
-        phase(f"theta_sft for {len(cells)} regimes, then phase 1: {2 * len(cells) * len(seeds)} runs of {T} "
-              "steps (claim 10's regimes)")
+        phase(f"theta_sft for {len(cells)} regimes, then phase 1: {2 * len(cells) * len(seeds)} runs "
+              "(claim 10's regimes)")
         sft_futures = lab.start_sft()
         cells_by_cost = sorted(cells, key=lambda c: lab.cfg(c).d_model)      # runs whose theta_sft is ready first
         sft_eval, pairs = {}, {}
         for c in cells_by_cost:   # phase 1 -- claim 10: two independent runs per regime and seed, and their SLERP
             sft_eval[c] = lab.evaluate(c, lab.sft(c, sft_futures))
             pairs[c] = {s: [lab.run(c, s, 1, m, checkpoints=(m == 0)) for m in (0, 1)] for s in seeds}
-        raw = {"preset": preset, "steps": T, "sft": get(sft_eval), "cells": {}}
+        raw = {"preset": preset, "sft": get(sft_eval), "cells": {}}
         for c in cells:
             raw["cells"][c] = {}
             for s in seeds:
@@ -278,6 +282,7 @@ def collect(preset, cache, workers, log=print):
 
         # phase 2 -- in that regime: M = 4, claim 1's anchors and betas, and WARP iteration 2
         sft, cfg = lab.sft_states[regime], lab.cfg(regime)
+        raw["steps"], raw["eval_every"], T = cfg.steps, cfg.eval_every, cfg.steps
         first = {s: get(pairs[regime][s]) for s in seeds}
         more = {s: [lab.run(regime, s, 1, m) for m in (2, 3)] for s in seeds}
         anchors = {s: {"ema, beta=%g" % cfg.beta: None,   # = run 0 of iteration 1 (same seed: paired comparison)
@@ -337,8 +342,9 @@ def collect(preset, cache, workers, log=print):
 
 
 def choose_regime(cells, min_quality=0.8):
-    """The regime closest to the paper's: lowest mean task-vector cosine among regimes whose runs stay
-    grammatical (mean final quality >= min_quality); the demo's regime if none does."""
+    """The regime closest to the paper's. choice: the lowest mean task-vector cosine among regimes whose
+    runs stay grammatical (mean final quality >= min_quality; a hacked run is not a policy worth merging);
+    the demo's regime if none does."""
     ok = {c: np.mean([v["cosine"] for v in per_seed.values()]) for c, per_seed in cells.items()
           if np.mean([t[-1]["quality"] for v in per_seed.values() for t in v["trajectories"]]) >= min_quality}
     return min(ok, key=ok.get) if ok else DEFAULT_CELL
@@ -408,7 +414,8 @@ class Claim:
 
 
 def verdict(check_results):
-    """{check: [bool per seed]} -> reproduced / partly / not reproduced (see the module docstring)."""
+    """{check: [bool per seed]} -> reproduced / partly / not reproduced (see the module docstring).
+    choice: checks are strict comparisons without a noise margin; the spread over seeds is reported next to them."""
     if all(all(v) for v in check_results.values()):
         return "reproduced"
     if any(sum(v) > len(v) / 2 for v in check_results.values()):
@@ -442,7 +449,9 @@ def lam_values(raw, s):
     return {"reward_slerp_0.5": e["slerp 0.5"]["reward"], "reward_lerp_0.5": e["lerp 0.5"]["reward"],
             "kl_slerp_0.5": e["slerp 0.5"]["kl"], "kl_lerp_0.5": e["lerp 0.5"]["kl"],
             "reward_endpoint_0": rewards[0], "reward_endpoint_1": rewards[-1],
-            "best_endpoint": max(rewards[0], rewards[-1]), "slerp_above_chord_min": above_chord(lams, rewards)}
+            "best_endpoint": max(rewards[0], rewards[-1]), "slerp_above_chord_min": above_chord(lams, rewards),
+            "slerp_minus_lerp_mean_interior": float(np.mean([e[f"slerp {lam}"]["reward"] - e[f"lerp {lam}"]["reward"]
+                                                             for lam in lams[1:-1]]))}
 
 
 def m_values(raw, s):
@@ -522,7 +531,7 @@ CLAIMS = [
           lam_values,
           {"SLERP reward > LERP reward at lambda = 0.5": lambda v: gt(v["reward_slerp_0.5"], v["reward_lerp_0.5"]),
            "LERP KL < SLERP KL at lambda = 0.5": lambda v: lt(v["kl_lerp_0.5"], v["kl_slerp_0.5"])},
-          ("reward_slerp_0.5", "reward_lerp_0.5", "kl_slerp_0.5", "kl_lerp_0.5")),
+          ("reward_slerp_0.5", "reward_lerp_0.5", "kl_slerp_0.5", "kl_lerp_0.5", "slerp_minus_lerp_mean_interior")),
     Claim(4, "Reward concave in lambda",
           "Reward is concave in lambda: the merge scores above both endpoints.",
           lam_values,
@@ -575,8 +584,8 @@ CLAIMS = [
            "per layer > whole model in reward": lambda v: gt(v["reward_layer"], v["reward_model"])},
           ("reward_layer", "reward_tensor", "reward_model", "kl_layer", "kl_tensor", "kl_model")),
     Claim(10, "When merging helps (ours)",
-          "Merging helps where task vectors are nearly orthogonal: across regimes of batch size and width, the "
-          "SLERP gain over the better run grows as the task-vector cosine falls.",
+          "Merging helps where task vectors are nearly orthogonal: across regimes of batch size, width, run "
+          "length and learning rate, the SLERP gain over the better run grows as the task-vector cosine falls.",
           regime_values,
           {"Spearman rank correlation(cosine, SLERP gain) < 0 across regimes":
                lambda v: lt(v["spearman_cosine_gain"], 0.0)},
@@ -659,12 +668,14 @@ def figure_anchors(raw, path):
     colors = plt.cm.tab10(range(len(names)))
     for i, s in enumerate(_seeds(raw)):
         for name, color in zip(names, colors):
+            label = (name.replace("ema,", "EMA anchor,").replace("sft,", "SFT anchor,") if "," in name
+                     else f"{name} (no KL term: either anchor)")
             ax.plot(*_xy(raw["seeds"][s]["anchors"][name]), color=color, marker=MARKERS[i], ms=3, lw=1,
-                    label=f"{name} anchor" if name[0] in "es" and i == 0 else (name if i == 0 else None))
+                    label=label if i == 0 else None)
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set(xlabel="KL(pi || pi_sft)  [nats per completion; symlog]", ylabel="reward")
     _save(plt, fig, [ax], path, "Claim 1: RL trajectories by anchor and beta (markers: seeds; points every "
-          f"{raw['preset']['base'].get('eval_every', 50)} steps)")
+          f"{raw['eval_every']} steps)")
 
 
 def figure_cosine(raw, path):
@@ -858,7 +869,13 @@ def main(argv):
     torch.set_num_threads(1)          # the main process merges; the workers do the rest
     t0 = time.time()
     preset = PRESETS[args.preset]
-    raw = collect(preset, os.path.join(args.cache, args.preset), args.workers, log=functools.partial(print, flush=True))
+    cache = os.path.join(args.cache, args.preset)
+    try:
+        raw = collect(preset, cache, args.workers, log=functools.partial(print, flush=True))
+    except KeyboardInterrupt:
+        print(f"interrupted: {out}/ is unchanged; finished runs are kept in {cache}/ and the same command "
+              "continues from them", file=sys.stderr)
+        return 130
     claims = write_outputs(raw, out)
     for c in claims:
         print(f"claim {c['id']:2d} {c['title']:45s} {c['verdict']}")

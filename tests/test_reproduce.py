@@ -16,7 +16,8 @@ import reproduce as R
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(base=dict(n_layer=1, d_model=32, head_dim=8, d_ff=64, sft_steps=20, sft_docs=300, steps=8, lr=1e-3,
                       eval_every=4, eval_prompts=4, eval_samples=2, max_new_tokens=24),
-            cells={"batch 4": dict(prompts_per_step=1), "batch 8": dict(), "width 16": dict(d_model=16, head_dim=4, d_ff=32)},
+            cells={"batch 4": dict(prompts_per_step=1), "batch 8": dict(), "width 16": dict(d_model=16, head_dim=4, d_ff=32),
+                   "4 steps": dict(steps=4, eval_every=2)},
             seeds=[0, 1, 2], iterations=3, beta_large=1.0, lambdas=[0, 0.5, 1], etas=[0, 0.5, 1])
 VERDICTS = {"reproduced", "partly", "not reproduced"}
 
@@ -125,3 +126,23 @@ def test_cli_errors_are_one_line(args, message):
                             text=True, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_committed_results_follow_their_rules_and_readme_shows_them():
+    """results/ (the full preset) is consistent with today's rules, and README quotes its table verbatim."""
+    with open(os.path.join(ROOT, "results", "claims.json")) as f:
+        committed = json.load(f)
+    assert [c["id"] for c in committed] == list(range(1, 11)) and all(len(c["seeds"]) >= 3 for c in committed)
+    for c in committed:
+        checks, verdict = R.recheck(c)
+        assert verdict == c["verdict"] and [k["per_seed"] for k in c["checks"]] == list(checks.values()), c["id"]
+        assert os.path.exists(os.path.join(ROOT, "results", c["figure"]))
+    with open(os.path.join(ROOT, "results", "raw.json")) as f:
+        raw = json.load(f)
+    assert json.loads(json.dumps(R.evaluate_claims(raw))) == committed    # claims.json = the rules applied to raw.json
+    assert R.markdown(committed, raw) == open(os.path.join(ROOT, "results", "claims.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    start = readme.index("<!-- results/claims.md")
+    start = readme.index("\n", start) + 1
+    assert readme[start:readme.index("<!-- end of results/claims.md -->")] == \
+        open(os.path.join(ROOT, "results", "claims.md")).read()
