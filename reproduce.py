@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -76,6 +77,9 @@ DEFAULT_CELL = "batch 8"
 def _worker_init():
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+    # Ctrl-C: the main process says what happened; a worker leaves quietly (a run it was training is
+    # simply not cached: its files are written atomically, the .json last)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 
 @functools.lru_cache(maxsize=8)
@@ -205,7 +209,7 @@ class Lab:
 
     def _finished(self, future, cell, spec):
         self.done += 1
-        if future.exception() is None:
+        if not future.cancelled() and future.exception() is None:
             self.log(f"  run {self.done}/{self.submitted} done: {cell}, {spec['init']}, {spec['anchor']} anchor, "
                      f"beta {spec['beta']:g}, seed {spec['seed']}")
 
