@@ -122,9 +122,18 @@ def eval_task(cfg_json, state):
     return {k: point[k] for k in ("reward", "reward_se", "kl", "kl_se", "quality")}
 
 
+def _finite(obj):
+    """NaN/inf (e.g. the cosine of a zero task vector) -> None: JSON has no NaN."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not np.isfinite(obj) else obj
+
+
 def _write_json(obj, path):
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(_finite(obj), f, indent=1, allow_nan=False)
         f.write("\n")
     os.replace(path + ".tmp", path)
 
@@ -342,7 +351,7 @@ def collect(preset, cache, workers, log=print):
         phase("done")
     finally:
         lab.pool.shutdown(cancel_futures=True)
-    return json.loads(json.dumps(raw))   # json round trip: int keys become strings, as when read back
+    return json.loads(json.dumps(_finite(raw)))   # as when read back: int keys become strings, no NaN
 
 
 def choose_regime(cells, min_quality=0.8):
@@ -382,7 +391,7 @@ def diff(a, b):
 
 
 def spearman(x, y):
-    if len(x) < 3:
+    if len(x) < 3 or len(set(x)) == 1 or len(set(y)) == 1:
         return None
     rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     return float(np.corrcoef(rx, ry)[0, 1])
@@ -403,7 +412,7 @@ def above_chord(xs, ys):
 
 
 # ----------------------------------------------------------------------------------------------
-# The claims: statement, per-seed numbers, checks (the rule), figure.
+# The claims: statement, per-seed numbers, checks (the rule). Figures: FIGURES below.
 # ----------------------------------------------------------------------------------------------
 
 

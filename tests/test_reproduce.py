@@ -104,8 +104,9 @@ def test_rule_helpers():
     assert R.above_chord([0, 0.5, 1], [0, 1, 0]) == 1.0 and R.above_chord([0, 0.5, 1], [0, -1, 0]) == -1.0
     assert R.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert R.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert R.spearman([1, 2], [1, 2]) is None
+    assert R.spearman([1, 2], [1, 2]) is None and R.spearman([1, 2, 3], [5, 5, 5]) is None
     assert R.r_squared([0, 1, 2], [1, 3, 5]) == pytest.approx(1.0)
+    assert R._finite({"a": [float("nan"), 1.0], "b": float("inf")}) == {"a": [None, 1.0], "b": None}
 
 
 def test_choose_regime_skips_degenerate_runs():
