@@ -42,7 +42,7 @@ import hf_io
 import warp_min as W
 
 # ----------------------------------------------------------------------------------------------
-# Presets: what is run. "full" is what results/ holds; "quick" is a 5-minute smoke test of the same code.
+# Presets: what is run. "full" is what results/ holds; "quick" is a 1.5-minute smoke test of the same code.
 # ----------------------------------------------------------------------------------------------
 
 FULL_CELLS = {   # claim 10's regimes: one factor at a time around the demo's settings
@@ -858,7 +858,7 @@ def write_outputs(raw, out):
 def main(argv):
     parser = W.ArgumentParser(prog="warp_min.py reproduce",
                               description="Test each claim of the WARP paper on the toy task (see README, "
-                                          "'Does it reproduce?'). full: ~40 min on 2 CPU cores; quick: ~3 min.")
+                                          "'Does it reproduce?'). full: ~22 min on 2 CPU cores (2-3 min with every run cached); quick: ~1.5 min.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="full (the committed results/: demo-size model, T = 200, 3 seeds) or quick (the quick "
                              "demo's model, T = 40: a smoke test whose verdicts mean little)")
