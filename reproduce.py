@@ -858,7 +858,8 @@ def write_outputs(raw, out):
 def main(argv):
     parser = W.ArgumentParser(prog="warp_min.py reproduce",
                               description="Test each claim of the WARP paper on the toy task (see README, "
-                                          "'Does it reproduce?'). full: ~22 min on 2 CPU cores (2-3 min with every run cached); quick: ~1.5 min.")
+                                          "'Does it reproduce?'). full: ~22 min on 2 CPU cores (2-3 min with "
+                                          "every run cached); quick: ~1.5 min.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="full (the committed results/: demo-size model, T = 200, 3 seeds) or quick (the quick "
                              "demo's model, T = 40: a smoke test whose verdicts mean little)")
