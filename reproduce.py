@@ -286,7 +286,8 @@ def collect(preset, cache, workers, log=print):
                 runs = get(pairs[c][s])
                 merged = W.slerp(lab.sft_states[c], [r.final for r in runs], 0.5)
                 raw["cells"][c][s] = {"trajectories": [trajectory(raw["sft"][c], r) for r in runs],
-                                      "cosine": W.cosine_report(lab.sft_states[c], [r.final for r in runs], "model")["model"],
+                                      "cosine": W.cosine_report(lab.sft_states[c], [r.final for r in runs],
+                                                                "model")["model"],
                                       "slerp": lab.evaluate(c, merged)}
         raw["cells"] = get(raw["cells"])
         regime = choose_regime(raw["cells"])
@@ -532,9 +533,11 @@ CLAIMS = [
                lambda v: gt(v["kl_beta0"], 3 * v["kl_ema"]) and lt(v["quality_beta0"], 0.5),
            "large beta stalls: reward gain < half the demo-beta EMA run's gain":
                lambda v: lt(v["reward_gain_ema_beta_large"], 0.5 * v["reward_gain_ema"])},
-          ("matched_kl", "reward_ema_at_matched_kl", "reward_sft_at_matched_kl", "kl_beta0", "quality_beta0", "reward_gain_ema", "reward_gain_ema_beta_large")),
+          ("matched_kl", "reward_ema_at_matched_kl", "reward_sft_at_matched_kl", "kl_beta0", "quality_beta0",
+           "reward_gain_ema", "reward_gain_ema_beta_large")),
     Claim(2, "Task vectors orthogonal, weights identical",
-          "Task vectors of independent runs are nearly orthogonal (cos ~ 0) while full weights are nearly identical (cos ~ 1).",
+          "Task vectors of independent runs are nearly orthogonal (cos ~ 0) while full weights are nearly identical "
+          "(cos ~ 1).",
           cosine_values,
           {"task vectors nearly orthogonal: mean pairwise cosine < 0.2": lambda v: lt(v["task_vector_cosine"], 0.2),
            "full weights nearly identical: cosine > 0.9": lambda v: gt(v["full_weight_cosine"], 0.9)},
@@ -774,7 +777,8 @@ def figure_knowledge(raw, path):
                 color="gray", label="plain RL (SFT anchor), trajectory" if i == 0 else None)
         for it in range(1, raw["preset"]["iterations"] + 1):
             p = d["evals"][f"liti {it}"]
-            ax.plot(p["reward"], p["quality"], MARKERS[i], color=f"C{it}", label=f"WARP after iteration {it}" if i == 0 else None)
+            ax.plot(p["reward"], p["quality"], MARKERS[i], color=f"C{it}",
+                    label=f"WARP after iteration {it}" if i == 0 else None)
     ax.set(xlabel="reward", ylabel="grammatical quality (held out, never rewarded)")
     _save(plt, fig, [ax], path, "Claim 8: quality at equal reward (markers: seeds)")
 
