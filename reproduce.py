@@ -227,13 +227,15 @@ class Lab:
 
 
 class _Then:
-    """future.result() passed through a function (loading a finished run from disk)."""
+    """future.result() passed through a function (loading a finished run from disk), once."""
 
     def __init__(self, future, fn):
-        self.future, self.fn = future, fn
+        self.future, self.fn, self.value = future, fn, None
 
     def result(self):
-        return self.fn(self.future.result())
+        if self.value is None:
+            self.value = self.fn(self.future.result())
+        return self.value
 
 
 def get(tree):
@@ -314,11 +316,11 @@ def collect(preset, cache, workers, log=print):
             if it > 1:
                 phase(f"phase {it}: WARP iteration {it}, {2 * len(seeds)} runs"
                       + (" (+ M = 4 and claim 1's runs)" if it == 2 else ""))
-                iteration_runs_now = {s: [lab.run(regime, s, it, m, init=theta_init[s][it], init_name=f"iteration {it}")
-                                          for m in (0, 1)] for s in seeds}
+                pending = {s: [lab.run(regime, s, it, m, init=theta_init[s][it], init_name=f"iteration {it}")
+                               for m in (0, 1)] for s in seeds}
+                for s in seeds:
+                    iteration_runs[s][it] = get(pending[s])
             for s in seeds:
-                if it > 1:
-                    iteration_runs[s][it] = get(iteration_runs_now[s])
                 runs = iteration_runs[s][it]
                 merged[s][it] = W.slerp(theta_init[s][it], [r.final for r in runs], cfg.lam)
                 theta_init[s][it + 1] = W.liti(theta_init[s][it], merged[s][it], cfg.eta)
