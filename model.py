@@ -17,7 +17,8 @@ separate RoPE base for local layers and linear RoPE scaling for global ones.
 Parameter names are exactly Hugging Face Gemma's tensor names (`model.embed_tokens.weight`,
 `model.layers.N.self_attn.q_proj.weight`, ...), so a state dict of this model *is* a Gemma
 checkpoint's state dict: `from_pretrained` / `save_pretrained` are a short loop with shape checks
-plus a mapping between config.json and ModelConfig (file plumbing lives in hf_io.py).
+plus a mapping between config.json and ModelConfig, both in warp_scale/hf.py (reached only when
+called, so this file needs nothing but torch).
 
 Next to the model: `generate` (sampling with a KV cache) and `completion_logprobs` (per-token
 log-probabilities of completions, masked to the completion), the two things RL needs.
@@ -29,8 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import hf_io
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # layer type names used by HF configs
 
@@ -255,14 +254,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-                 eos_id=None, use_cache=True):
+                 stop_ids=(), use_cache=True):
         """Sample continuations of prompts idx (B, T0) -> (B, T0 + max_new_tokens).
 
         Each step samples from softmax(logits / temperature), optionally restricted to the top_k
-        logits; temperature 0 means greedy. Generation stops early once every row has produced
-        eos_id (tokens after a row's first eos are left as eos). With use_cache, keys/values of
-        past positions are kept so each step only runs the newest token through the network.
+        logits; temperature 0 means greedy. A row is finished once it produces one of stop_ids (an
+        instruction-tuned Gemma ends a turn with <end_of_turn>, not <eos>); later tokens of that row
+        are stop_ids[0], and generation ends once every row is finished. With use_cache, keys/values
+        of past positions are kept so each step only runs the newest token through the network.
         """
+        stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=idx.device)
         caches = [dict() for _ in self.model.layers] if use_cache else None
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         out, pos = idx, 0
@@ -273,11 +274,11 @@ class Transformer(nn.Module):
             else:
                 logits = self(out)[:, -1, :]
             next_token = sample_from_logits(logits.float(), temperature, top_k, generator)
-            if eos_id is not None:
-                next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
-                done = done | (next_token == eos_id)
+            if len(stop):
+                next_token = torch.where(done, stop[0], next_token)
+                done = done | torch.isin(next_token, stop)
             out = torch.cat([out, next_token[:, None]], dim=1)
-            if eos_id is not None and bool(done.all()):
+            if len(stop) and bool(done.all()):
                 break
         return out
 
@@ -286,45 +287,16 @@ class Transformer(nn.Module):
         """Load a Hugging Face Gemma checkpoint directory (gemma, gemma2, gemma3_text, or the language
         model of a multimodal gemma3). dtype defaults to float32 (choice: not the file's dtype);
         max_seq_len defaults to min(max_position_embeddings, 8192) to bound the rotary tables.
+        The config mapping and the shard reading are warp_scale/hf.py's.
         """
-        cfg = config_from_hf(hf_io.read_config(path), max_seq_len)
-        with torch.device("meta"):  # no random init, no memory: every parameter is overwritten below
-            model = cls(cfg)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # "bfloat16" works too
-        model = model.to(dtype or torch.float32).to_empty(device=device or "cpu")
-        model.build_rope_tables(device)
-        params = dict(model.named_parameters())
-        loaded, lm_head = set(), None
-        with torch.no_grad():
-            checkpoint = hf_io.iter_tensors(path, select=lambda name: our_tensor_name(name) is not None)
-            for file_name, tensor in checkpoint:
-                name = our_tensor_name(file_name)
-                if name == "lm_head.weight":
-                    lm_head = tensor
-                    continue
-                if name not in params:
-                    raise ValueError(f"unexpected tensor {file_name} in {path} (not in a {cfg_type(cfg)})")
-                if tensor.shape != params[name].shape:
-                    raise ValueError(f"shape mismatch for {file_name}: checkpoint has {tuple(tensor.shape)}, "
-                                     f"config.json implies {tuple(params[name].shape)}")
-                params[name].copy_(tensor)
-                loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"{path} lacks {len(missing)} tensors, e.g. {missing[0]}")
-        embedding = model.model.embed_tokens.weight
-        if lm_head is not None and not torch.equal(lm_head.to(embedding), embedding):
-            raise ValueError("lm_head.weight differs from model.embed_tokens.weight: warp-min ties the "
-                             "output projection to the embedding and cannot represent an untied head")
-        return model
+        from warp_scale import hf
+        return hf.load_model(cls, path, dtype, device, max_seq_len)
 
     def save_pretrained(self, path, max_shard_size="2GB"):
         """Write config.json + safetensors (sharded with an index above max_shard_size) that
         transformers' AutoModelForCausalLM loads. The tied head is not written: there is no lm_head tensor."""
-        config = config_to_hf(self.cfg)
-        config["dtype"] = hf_io.dtype_name(self.model.embed_tokens.weight.dtype)
-        hf_io.write_config(config, path)
-        hf_io.save_tensors(self.state_dict(), path, max_shard_size)
+        from warp_scale import hf
+        hf.save_model(self, path, max_shard_size)
 
 
 def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
@@ -341,15 +313,17 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def completion_mask(tokens, prompt_len, eos_id):
-    """1.0 on completion tokens up to and including the first eos, 0.0 on the prompt and after.
+def completion_mask(tokens, prompt_len, stop_ids):
+    """1.0 on completion tokens up to and including the first stop id, 0.0 on the prompt and after.
 
-    prompt_len: an int (every row's prompt has that length) or a (B,) tensor of per-row lengths.
+    prompt_len: an int (every row's prompt has that length) or a (B,) tensor of per-row lengths;
+    stop_ids: one token id or several.
     """
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     prompt_len = torch.as_tensor(prompt_len, device=tokens.device).reshape(-1, 1)   # (B, 1) or (1, 1)
     in_completion = positions[None, :] >= prompt_len                                # (B, T)
-    is_eos = ((tokens == eos_id) & in_completion).long()
+    stop = torch.as_tensor(stop_ids, device=tokens.device).reshape(-1)
+    is_eos = (torch.isin(tokens, stop) & in_completion).long()
     after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0          # strictly after the first eos
     return (in_completion & ~after_eos).float()
 
@@ -368,120 +342,3 @@ def completion_logprobs(model, tokens, prompt_len, mask, temperature=1.0):
     entropy = -(logp_all.exp() * logp_all).sum(-1)                        # (B, T-1)
     m = mask[:, 1:]
     return logp * m, entropy * m
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face config.json <-> ModelConfig, and checkpoint tensor names -> ours
-# ----------------------------------------------------------------------------------------------
-
-ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3_text": "Gemma3ForCausalLM"}
-# multimodal Gemma 3 config.json files leave most text_config keys at transformers' defaults
-GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
-                            num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                            max_position_embeddings=131_072)
-
-
-def cfg_type(cfg: ModelConfig):
-    """The HF model_type of a config: its family is told by which norms it has."""
-    return "gemma3_text" if cfg.qk_norm else "gemma2" if cfg.sandwich_norms else "gemma"
-
-
-def config_from_hf(hf: dict, max_seq_len=None) -> ModelConfig:
-    """Map a config.json (transformers 4.x or 5.x spelling) to ModelConfig; refuse what we can't run."""
-    model_type = hf.get("model_type")
-    if model_type == "gemma3" and "text_config" in hf:  # multimodal Gemma 3: keep its language model;
-        # HF's Gemma3ForConditionalGeneration never soft-caps the final logits (real configs: null)
-        hf, model_type = {**hf["text_config"], "final_logit_softcapping": None}, "gemma3_text"
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"unsupported model_type {model_type!r}: warp-min loads gemma, gemma2, gemma3_text "
-                         "and the language model of gemma3")
-    gemma1, gemma3 = model_type == "gemma", model_type == "gemma3_text"
-    hf = {**GEMMA3_TEXT_DEFAULTS, **hf} if gemma3 else hf
-    missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if key not in hf]
-    if missing:
-        raise ValueError(f"config.json lacks {', '.join(missing)}")
-    activation = hf.get("hidden_activation") or (hf.get("hidden_act") if gemma1 else None)
-    if activation not in ("gelu_pytorch_tanh", None) and not (gemma1 and activation == "gelu"):
-        raise ValueError(f"unsupported activation {activation!r} (Gemma uses gelu_pytorch_tanh)")
-    for key, refused in (("attention_bias", True), ("tie_word_embeddings", False),
-                         ("use_bidirectional_attention", True)):
-        if hf.get(key) == refused:
-            raise ValueError(f"unsupported config: {key}={refused}")
-    # RoPE: 5.x nests rope_parameters ({"full_attention": ..., "sliding_attention": ...} in Gemma 3);
-    # 4.x had rope_theta, rope_scaling and (Gemma 3) rope_local_base_freq at the top level
-    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 1e6 if gemma3 else 1e4),
-                                         **(hf.get("rope_scaling") or {})}
-    full, local = rope, None
-    if gemma3:
-        full = rope.get(FULL, rope)
-        local = (rope.get(SLIDING) or {}).get("rope_theta", hf.get("rope_local_base_freq", 1e4))
-    rope_type = full.get("rope_type", full.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise ValueError(f"unsupported rope type {rope_type!r}: warp-min implements 'default' and 'linear'")
-    n_layer = hf["num_hidden_layers"]
-    layer_types = hf.get("layer_types")
-    if layer_types is None and not gemma1:  # 4.x configs: every `pattern`-th layer is global
-        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)) if gemma3 else 2
-        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layer)]
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=hf["num_attention_heads"],
-        n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]), d_model=hf["hidden_size"],
-        head_dim=hf.get("head_dim", 256),  # transformers' default for all three families
-        d_ff=hf["intermediate_size"], rope_theta=full["rope_theta"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_seq_len=max_seq_len or min(hf.get("max_position_embeddings", 8192), 8192),
-        query_pre_attn_scalar=None if gemma1 else hf.get("query_pre_attn_scalar", 256),
-        # HF's Gemma 3 attention ignores attn_logit_softcapping, so we do too
-        attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0) if model_type == "gemma2" else None,
-        final_logit_softcap=None if gemma1 else hf.get("final_logit_softcapping", None if gemma3 else 30.0),
-        sliding_window=None if gemma1 else hf.get("sliding_window", 4096),
-        layer_types=layer_types, sandwich_norms=not gemma1, qk_norm=gemma3, rope_local_theta=local,
-        rope_scaling_factor=full.get("factor", 1.0) if rope_type == "linear" else 1.0,
-    )
-
-
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """ModelConfig -> config.json dict in transformers 5.x spelling; refuse features the family lacks."""
-    model_type = cfg_type(cfg)
-    lost = {"gemma": ["attn_logit_softcap", "final_logit_softcap", "sliding_window", "rope_local_theta"],
-            "gemma2": ["rope_local_theta"], "gemma3_text": ["attn_logit_softcap"]}[model_type]
-    lost = [name for name in lost if getattr(cfg, name) is not None]
-    if model_type != "gemma3_text" and cfg.rope_scaling_factor != 1.0:
-        lost.append("rope_scaling_factor")
-    if model_type == "gemma" and cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
-        lost.append("query_pre_attn_scalar")
-    if cfg.qk_norm and not cfg.sandwich_norms:
-        lost.append("qk_norm without sandwich_norms")
-    if lost:
-        raise ValueError(f"a {model_type} config.json cannot express {', '.join(lost)}")
-    hf = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
-          "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-          "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-          "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
-          "max_position_embeddings": cfg.max_seq_len, "attention_bias": False, "tie_word_embeddings": True}
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if model_type == "gemma":
-        return {**hf, "hidden_act": "gelu_pytorch_tanh", "rope_parameters": rope}
-    hf.update(hidden_activation="gelu_pytorch_tanh",
-              query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
-              final_logit_softcapping=cfg.final_logit_softcap, attn_logit_softcapping=cfg.attn_logit_softcap,
-              sliding_window=cfg.sliding_window or cfg.max_seq_len,  # HF builds a local mask even if unused
-              layer_types=list(cfg.layer_types or [FULL] * cfg.n_layer), rope_parameters=rope)
-    if model_type == "gemma3_text":
-        if cfg.rope_scaling_factor != 1.0:
-            rope = {"rope_type": "linear", "factor": cfg.rope_scaling_factor, "rope_theta": cfg.rope_theta}
-        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
-        hf["rope_parameters"] = {FULL: rope, SLIDING: local}
-    return hf
-
-
-def our_tensor_name(name):
-    """Checkpoint tensor name -> ours; None for tensors we skip (vision tower, multimodal projector)."""
-    for prefix, ours in (("language_model.model.", "model."), ("model.language_model.", "model."),
-                         ("language_model.lm_head.", "lm_head.")):
-        if name.startswith(prefix):
-            return ours + name[len(prefix):]
-    if "vision_tower." in name or "multi_modal_projector." in name or name.endswith("rotary_emb.inv_freq"):
-        return None
-    return name

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from model import FULL, SLIDING, ModelConfig, Transformer, config_to_hf  # noqa: E402
+from model import FULL, SLIDING, ModelConfig, Transformer  # noqa: E402
+from warp_scale.hf import config_to_hf  # noqa: E402
 
 VOCAB, PROMPT_LEN, NEW_TOKENS, SEQ_LEN = 128, 6, 20, 40   # SEQ_LEN, PROMPT_LEN + NEW_TOKENS > window 8
 SHARD = "30KB"  # the tiny models are ~0.3 MB in fp32, so this makes ~10 shards

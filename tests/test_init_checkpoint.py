@@ -1,4 +1,4 @@
-"""The WARP loop on a Hugging Face checkpoint: `python warp_min.py demo --init DIR`.
+"""The WARP loop on a Hugging Face checkpoint: `python warp_min.py --init DIR`.
 
 The checkpoint is built offline: a BPE tokenizer trained with the `tokenizers` library on the toy
 corpus, with a vocabulary small enough that words split into different numbers of tokens (so the
@@ -18,6 +18,9 @@ import torch
 import warp_min as W
 from model import Transformer, completion_mask
 from toy_tasks import reviews
+from warp_scale import driver, tasks
+from warp_scale.cli import RunConfig
+from warp_scale.mixed import MixedPrecision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAD, EOS, BOS = 0, 1, 2           # Gemma's ids for these tokens, kept here too
@@ -68,7 +71,7 @@ def checkpoint_bf16(tmp_path_factory):
 
 def cli(*args, timeout=120, pre=""):
     """`python warp_min.py ARGS`; with `pre`, that Python code runs first (in a -c wrapper)."""
-    command = ["warp_min.py"] if not pre else ["-c", f"import sys; {pre}import warp_min; sys.exit(warp_min.main())"]
+    command = ["warp_min.py"] if not pre else ["-c", f"import sys; {pre}from warp_scale.cli import main; sys.exit(main())"]
     return subprocess.run([sys.executable, *command, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -77,7 +80,7 @@ def test_completion_mask_per_row_prompt_lengths():
     """completion_mask with per-row prompt lengths starts each row's mask at its own length, and
     equals the int form when all lengths are equal."""
     tokens = torch.tensor([[5, 6, 7, 8, 1, 1], [5, 6, 7, 1, 9, 1]])
-    assert completion_mask(tokens, torch.tensor([2, 3]), eos_id=1).tolist() == [[0, 0, 1, 1, 1, 0],
+    assert completion_mask(tokens, torch.tensor([2, 3]), stop_ids=1).tolist() == [[0, 0, 1, 1, 1, 0],
                                                                                 [0, 0, 0, 1, 0, 0]]
     assert torch.equal(completion_mask(tokens, torch.tensor([2, 2]), 1), completion_mask(tokens, 2, 1))
 
@@ -86,14 +89,15 @@ def test_padded_sampling_matches_each_row_alone(checkpoint):
     """Prompts of different token lengths are sampled in groups and right-padded into one batch: each
     row's mask starts at its own prompt length, and its log-probability in the padded batch equals
     the one computed on the row alone (the model is causal; padding never leaks into valid positions)."""
-    cfg = W.Config(init=str(checkpoint), max_new_tokens=8, device="cpu")
-    model = W.build_model(cfg, W.theta_sft_of(cfg, "cpu", log=lambda *a: None))
-    tok = W.tokenizer(cfg)
+    cfg = RunConfig(init=str(checkpoint), max_new_tokens=8, device="cpu")
+    model = W.build_model(driver.network(cfg), driver.load_theta_sft(cfg, log=lambda *a: None))
+    task = tasks.make_task(cfg)
+    tok = task.tokenizer
     prompts = reviews.all_prompts()
     lengths = [len(tok.encode_prompt(p)) for p in prompts]
     assert len(set(lengths)) > 1, "the test tokenizer must give prompts of different lengths"
     assert all(tok.encode_prompt(p)[0] == BOS for p in prompts)
-    tokens, mask, texts, finished = W.sample(model, prompts, cfg, torch.Generator().manual_seed(0), "cpu")
+    tokens, mask, texts, finished = W.sample(model, prompts, task, cfg, torch.Generator().manual_seed(0), "cpu")
     logp, _ = W.sequence_logprob(model, tokens, mask, cfg)
     for i, n in enumerate(lengths):
         assert mask[i, :n].sum() == 0 and mask[i, n] == 1
@@ -133,15 +137,20 @@ def test_bf16_policy_has_fp32_master_weights_and_fp32_ema(checkpoint_bf16):
     master weight and every fp32 EMA weight, but few bf16 policy weights; and the same EMA update
     done in bf16, theta_ema + mu (theta - theta_ema), rounds back to theta_ema for all but weights
     within a few ulps of zero (~1%): a bf16 anchor would barely move."""
-    cfg = W.Config(init=str(checkpoint_bf16), device="cpu", prompts_per_step=2, samples_per_prompt=2,
-                   max_new_tokens=8, lr=1e-6, mu=0.01)
-    assert W.policy_dtype(cfg) == torch.bfloat16        # auto: the checkpoint's config.json dtype
-    theta_init = W.theta_sft_of(cfg, "cpu", log=lambda *a: None)
-    policy, anchor = W.build_model(cfg, theta_init), W.build_model(cfg, theta_init).requires_grad_(False)
-    mixed = W.MixedPrecision(policy, anchor)
+    cfg = RunConfig(init=str(checkpoint_bf16), device="cpu", prompts_per_step=2, samples_per_prompt=2,
+                    max_new_tokens=8, lr=1e-6, mu=0.01)
+    assert driver.policy_dtype(cfg) == torch.bfloat16        # auto: the checkpoint's config.json dtype
+    theta_init = driver.load_theta_sft(cfg, log=lambda *a: None)
+    assert all(t.dtype == torch.float32 for t in theta_init.values())   # carried in fp32 (bf16 -> fp32: exact)
+    net = driver.network(cfg)
+    policy = W.build_model(net, theta_init, dtype=torch.bfloat16)
+    anchor = W.build_model(net, theta_init, dtype=torch.bfloat16).requires_grad_(False)
+    mixed = MixedPrecision(theta_init, theta_init)
     optimizer = torch.optim.Adam(mixed.master.values(), lr=cfg.lr)
     prompts = [p for p in reviews.eval_prompts(2) for _ in range(2)]
-    stats = W.rl_step(policy, anchor, optimizer, prompts, cfg, torch.Generator().manual_seed(0), "cpu", mixed=mixed)
+    stats, skipped = driver.rl_step(policy, anchor, optimizer, prompts, tasks.make_task(cfg), cfg,
+                                    torch.Generator().manual_seed(0), "cpu", mixed=mixed)
+    assert not skipped
     assert stats["kl_anchor"] == 0                      # step 1: the anchor's bf16 copy is the policy
     assert all(t.dtype == torch.float32 for t in [*mixed.master.values(), *mixed.ema.values()])
     assert all(t.dtype == torch.bfloat16 for t in [*policy.state_dict().values(), *anchor.state_dict().values()])
@@ -154,7 +163,8 @@ def test_bf16_policy_has_fp32_master_weights_and_fp32_ema(checkpoint_bf16):
         assert torch.equal(policy_state[name], master.detach().to(torch.bfloat16))   # policy = rounded master
     assert moved({k: v.detach() for k, v in mixed.master.items()}) > 0.99 and moved(policy_state) < 0.05
     assert moved(mixed.ema) > 0.99
-    bf16_ema = {k: t + cfg.mu * (policy_state[k] - t) for k, t in theta_init.items()}   # all in bf16
+    bf16 = {k: t.to(torch.bfloat16) for k, t in theta_init.items()}
+    bf16_ema = {k: t + cfg.mu * (policy_state[k] - t) for k, t in bf16.items()}   # all in bf16
     assert moved(bf16_ema) < 0.02
 
 
@@ -189,12 +199,12 @@ def test_bad_init_path_is_a_one_line_error(tmp_path, case):
 
 
 def test_eos_from_config_list_or_tokenizer(checkpoint, tmp_path):
-    """eos: config.json's eos_token_id (a list -> its first id), else the tokenizer's <eos>."""
-    import hf_tokenizer
+    """Stop ids: every id of config.json's eos_token_id (an int or a list), else the tokenizer's <eos>."""
+    from warp_scale import tokenizer as hf_tokenizer
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint, ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "eos_token_id": [EOS, 7]}))
-    assert hf_tokenizer.load(str(ckpt)).eos_id == EOS
+    assert hf_tokenizer.load(str(ckpt)).stop_ids == (EOS, 7)
     (ckpt / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "eos_token_id"}))
-    assert hf_tokenizer.load(str(ckpt)).eos_id == EOS   # found as <eos> in the tokenizer
+    assert hf_tokenizer.load(str(ckpt)).stop_ids == (EOS,)   # found as <eos> in the tokenizer

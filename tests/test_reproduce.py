@@ -1,4 +1,4 @@
-"""`warp_min.py reproduce` at a tiny budget: claims.json is complete and well-formed, every verdict
+"""`python -m experiments.reproduce` at a tiny budget: claims.json is complete and well-formed, every verdict
 follows from its numbers by the rule in reproduce.CLAIMS, and the same seeds give the same bytes
 whatever the number of worker processes."""
 
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-import reproduce as R
+from experiments import reproduce as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(base=dict(n_layer=1, d_model=32, head_dim=8, d_ff=64, sft_steps=20, sft_docs=300, steps=8, lr=1e-3,
@@ -123,27 +123,36 @@ def test_choose_regime_skips_degenerate_runs():
     (["--out", "tests"], "--out tests: a non-empty directory that holds no earlier reproduction"),
 ])
 def test_cli_errors_are_one_line(args, message):
-    result = subprocess.run([sys.executable, "warp_min.py", "reproduce", *args], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "experiments.reproduce", *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_committed_results_follow_their_rules_and_readme_shows_them():
-    """results/ (the full preset) is consistent with today's rules, and README quotes its table verbatim."""
-    with open(os.path.join(ROOT, "results", "claims.json")) as f:
+def test_old_spelling_says_where_the_reproduction_went():
+    result = subprocess.run([sys.executable, "warp_min.py", "reproduce"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "python -m experiments.reproduce" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_committed_results_follow_their_rules_and_docs_show_them():
+    """experiments/results/ (the full preset) is consistent with today's rules, and docs/reproducing.md
+    quotes its table verbatim."""
+    with open(os.path.join(ROOT, "experiments", "results", "claims.json")) as f:
         committed = json.load(f)
     assert [c["id"] for c in committed] == list(range(1, 11)) and all(len(c["seeds"]) >= 3 for c in committed)
     for c in committed:
         checks, verdict = R.recheck(c)
         assert verdict == c["verdict"] and [k["per_seed"] for k in c["checks"]] == list(checks.values()), c["id"]
-        assert os.path.exists(os.path.join(ROOT, "results", c["figure"]))
-    with open(os.path.join(ROOT, "results", "raw.json")) as f:
+        assert os.path.exists(os.path.join(ROOT, "experiments", "results", c["figure"]))
+    with open(os.path.join(ROOT, "experiments", "results", "raw.json")) as f:
         raw = json.load(f)
     assert json.loads(json.dumps(R.evaluate_claims(raw))) == committed    # claims.json = the rules applied to raw.json
-    assert R.markdown(committed, raw) == open(os.path.join(ROOT, "results", "claims.md")).read()
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert R.markdown(committed, raw) == open(os.path.join(ROOT, "experiments", "results", "claims.md")).read()
+    readme = open(os.path.join(ROOT, "docs", "reproducing.md")).read()
     start = readme.index("<!-- results/claims.md")
     start = readme.index("\n", start) + 1
+    table = open(os.path.join(ROOT, "experiments", "results", "claims.md")).read()
     assert readme[start:readme.index("<!-- end of results/claims.md -->")] == \
-        open(os.path.join(ROOT, "results", "claims.md")).read()
+        table.replace("](claim", "](../experiments/results/claim")          # figure links from docs/

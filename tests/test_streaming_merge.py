@@ -1,4 +1,4 @@
-"""Streaming checkpoint merge (checkpoints.py): checked against an independent float64 oracle.
+"""Streaming checkpoint merge (warp_scale/merge.py): checked against an independent float64 oracle.
 
 The oracle below does not use warp_min: it concatenates each group's task vectors into one
 float64 vector and applies the closed-form SLERP (paper Eq. 3), sequentially for M > 2.
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import checkpoints  # noqa: E402
+from warp_scale import merge as checkpoints  # noqa: E402
 
 D, V, FF, N_LAYER = 16, 40, 24, 3
 
@@ -148,7 +148,7 @@ def rel_err(ours, ref):
 
 
 def run(argv, capsys=None):
-    code = checkpoints.merge_cli(argv)
+    code = checkpoints.main(argv)
     err = capsys.readouterr().err if capsys else ""
     return code, err
 
@@ -344,7 +344,7 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     _, _, init_dir, pol_dirs = make_set(tmp_path)
     before = sorted(os.listdir(tmp_path))
     out = str(tmp_path / "out")
-    code = checkpoints.merge_cli(["--init", init_dir, "--policies", *pol_dirs, "--out", out, "--dry-run"])
+    code = checkpoints.main(["--init", init_dir, "--policies", *pol_dirs, "--out", out, "--dry-run"])
     captured = capsys.readouterr().out
     assert code == 0 and sorted(os.listdir(tmp_path)) == before
     n_tensors = 1 + N_LAYER * 9 + 1
@@ -477,7 +477,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, case):
         argv = argv_fn(argv, init_dir, pol_dirs, out)
     before = {d: sorted(os.listdir(tmp_path / d)) for d in os.listdir(tmp_path)}
     capsys.readouterr()
-    code = checkpoints.merge_cli(argv)
+    code = checkpoints.main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
     assert fragment in err, err
@@ -487,7 +487,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, case):
 
 
 def test_cli_help_exits_0(capsys):
-    assert checkpoints.merge_cli(["--help"]) == 0
+    assert checkpoints.main(["--help"]) == 0
     assert "--granularity" in capsys.readouterr().out
 
 
@@ -502,7 +502,7 @@ def test_sigkill_mid_merge_leaves_no_partial_output(tmp_path):
     init_dir = write_ckpt(str(tmp_path / "init"), init, n_shards=4)
     pol_dirs = [write_ckpt(str(tmp_path / f"pol{m}"), p, n_shards=4) for m, p in enumerate(pols)]
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-c", "import sys, checkpoints; sys.exit(checkpoints.merge_cli(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from warp_scale import merge; sys.exit(merge.main(sys.argv[1:]))",
            "--init", init_dir, "--policies", *pol_dirs, "--out", out]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp_name = f".out.warp-tmp-{proc.pid}"

@@ -66,8 +66,9 @@ def table(rows):
     lines = ["| model | reward | KL(pi‖pi_sft) | quality (grammatical) |", "|---|---|---|---|"]
 
     def line(name, r):
+        quality = f"{r['quality']:.2f}" if "quality" in r else "n/a"
         lines.append(f"| {name} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
-                     f"| {r['quality']:.2f} |")
+                     f"| {quality} |")
 
     evals = [r for r in rows if r["kind"] == "eval"]
     line("theta_sft", evals[0])
@@ -88,31 +89,26 @@ def table(rows):
 
 
 @torch.no_grad()
-def completions(cfg, models, build, sample, seed, n=3):
-    """A few completions of the same evaluation prompts by each model, same sampling seed.
-
-    `sample` is warp_min.sample, passed in: importing warp_min here would load a second copy of
-    it when it runs as a script.
-    """
-    from toy_tasks.reviews import eval_prompts
-    prompts = eval_prompts(cfg.eval_prompts)[:n]
+def completions(prompts, models, build, sample, seed):
+    """The completions of `prompts` by each model, with the same sampling seed.
+    sample(model, prompts, generator) -> (tokens, mask, texts, finished), e.g. warp_min.sample."""
     out = {}
     for name, state in models.items():
         model = build(state)
-        device = next(model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(seed)
-        _, _, texts, finished = sample(model, prompts, cfg, gen, device)
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        _, _, texts, finished = sample(model, prompts, gen)
         out[name] = [(p, t + ("" if f else " …")) for p, t, f in zip(prompts, texts, finished)]
     return out
 
 
-def summarize(cfg, rows, models, build, sample, seed, log=print):
-    """Write pareto.png and summary.md into cfg.out, print the table and completions; return results."""
+def summarize(cfg, rows, models, build, sample, eval_prompts, seed, log=print, n=3):
+    """Write pareto.png and summary.md into cfg.out, print the table and completions of the first
+    n evaluation prompts; return the results."""
     plot_pareto(rows, os.path.join(cfg.out, "pareto.png"))
     md, warp_final, plain_near = table(rows)
     names = {"sft": "theta_sft", "plain": "plain RL (SFT anchor, end)", "warp": "WARP (final LITI model)"}
     models = {k: models[k] for k in names if k in models}   # fixed order: sft, plain, warp
-    samples = completions(cfg, models, build, sample, seed)
+    samples = completions(eval_prompts[:n], models, build, sample, seed)
     text = [md, "", "Completions (same prompts, same sampling seed):", ""]
     for key, pairs in samples.items():
         for prompt, completion in pairs:

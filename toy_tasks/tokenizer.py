@@ -64,9 +64,9 @@ def decode(ids):
 
 class ToyTokenizer:
     """What sampling and evaluation in warp_min.py need from a tokenizer. A checkpoint's tokenizer
-    (hf_tokenizer.HFTokenizer, for --init) has the same members, so the RL loop runs on either."""
+    (warp_scale/tokenizer.py, for --init) has the same members, so the RL loop runs on either."""
 
-    eos_id = property(lambda self: eot_id())   # ends a completion
+    stop_ids = property(lambda self: (eot_id(),))   # the tokens that end a completion
     vocab_size = property(lambda self: eot_id() + 1)
 
     def encode_prompt(self, text):

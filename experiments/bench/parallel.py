@@ -1,7 +1,7 @@
 """Wall time of the demo with the M runs of each iteration on 1 vs 2 processes, measured in one run.
 
-    python bench/parallel.py                    # quick and default presets
-    python bench/parallel.py --presets quick
+    python experiments/bench/parallel.py                    # quick and default presets
+    python experiments/bench/parallel.py --presets quick
 
 theta_sft is trained once first (a warm cache), so the times compare the WARP part itself: SFT is not
 parallelised. Each configuration runs in a fresh process with its default threads: one process gets
@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(args):

@@ -1,11 +1,11 @@
 """Cross-check the streaming merge against mergekit's nuslerp (a public peer), side by side.
 
-    python bench/compare_mergekit.py                                  # mergekit importable here
-    python bench/compare_mergekit.py --mergekit-python /tmp/mk/bin/python   # or in its own venv
+    python experiments/bench/compare_mergekit.py                                  # mergekit importable here
+    python experiments/bench/compare_mergekit.py --mergekit-python /tmp/mk/bin/python   # or in its own venv
 
 mergekit's `nuslerp` with a base model and weights (1 - lam, lam), flattened per tensor, is SLERP
 of task vectors with one angle per tensor -- our `--granularity tensor`. Both merge the same
-synthetic checkpoints (bench/merge.py's generator, Llama config); we report the max abs and
+synthetic checkpoints (experiments/bench/merge.py's generator, Llama config); we report the max abs and
 relative difference per run, wall time and peak RSS. mergekit computes in float32 (we use float64
 for dot products); both are compared with an independent float64 oracle. mergekit's float32
 reductions drift on big tensors (WARP.md: "fp32 reductions over millions of elements drift").
@@ -27,9 +27,9 @@ import sys
 import tempfile
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "experiments", "bench"))
 
 INSTALL = __doc__.split("mergekit is never")[1]
 
@@ -51,9 +51,9 @@ MERGEKIT_DRIVER = textwrap.dedent("""
 
 OURS_DRIVER = textwrap.dedent("""
     import json, sys, time
-    import checkpoints
+    from warp_scale import merge as checkpoints
     t0 = time.perf_counter()
-    code = checkpoints.merge_cli(sys.argv[1:] + ["--quiet"])
+    code = checkpoints.main(sys.argv[1:] + ["--quiet"])
     seconds = time.perf_counter() - t0
     hwm = next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     print(json.dumps({"seconds": seconds, "peak_rss_mb": hwm, "code": code}))
@@ -85,7 +85,7 @@ def compare(ours_dir, theirs_dir, init_dir, pol_dirs, lam):
     task vectors (paper Eq. 3), dot products accumulated in float64 block by block. `floor` is the
     oracle's own rounding to the output dtype: the best any implementation can do."""
     import torch
-    import checkpoints as ck
+    from warp_scale import merge as ck
     ours, theirs, init = ck.Checkpoint(ours_dir), ck.Checkpoint(theirs_dir), ck.Checkpoint(init_dir)
     pols = [ck.Checkpoint(p) for p in pol_dirs]
     missing = sorted(set(ours.tensors) ^ set(theirs.tensors))
@@ -131,10 +131,10 @@ def main():
     if python is None:
         print("mergekit is not installed (it is not a warp-min dependency); nothing compared.\n"
               "To run this comparison, install it in a throwaway venv:" + INSTALL.split(":", 1)[1]
-              + "then: python bench/compare_mergekit.py --mergekit-python /tmp/mk/bin/python")
+              + "then: python experiments/bench/compare_mergekit.py --mergekit-python /tmp/mk/bin/python")
         return 0
 
-    from merge import make_checkpoints          # bench/merge.py's generator
+    from merge import make_checkpoints          # experiments/bench/merge.py's generator
     workdir = tempfile.mkdtemp(prefix="warp-vs-mergekit-")
     try:
         dirs, total, n_shards, _ = make_checkpoints(workdir, args.size_gb, args.dtype, 2)

@@ -1,4 +1,4 @@
-"""Crash-safe progress for `python warp_min.py demo`: one checkpoint file, written atomically.
+"""Crash-safe progress for `python warp_min.py`: one checkpoint file, written atomically.
 
 `OUT/checkpoint.safetensors` holds everything needed to continue a killed run exactly where its last
 checkpoint left it: the loop's position (phase, iteration, finished runs, number of metric rows
@@ -14,7 +14,7 @@ import json
 import torch
 from safetensors import safe_open
 
-import hf_io
+from warp_scale import hf
 
 
 def pack_run(step, policy, anchor, optimizer, schedule, prompt_rng, sample_gen, skips, mixed=None):
@@ -66,7 +66,7 @@ def save(path, progress, state_dicts, run=None):
     if run is not None:
         meta["run"] = run[0]
         tensors |= {f"run/{k}": v for k, v in run[1].items()}
-    hf_io.save_atomic(tensors, path, metadata={"warp_min": json.dumps(meta)})
+    hf.save_atomic(tensors, path, metadata={"warp_min": json.dumps(meta)})
 
 
 def load(path):

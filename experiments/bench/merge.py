@@ -1,7 +1,7 @@
-"""Benchmark the streaming merge (checkpoints.py) against plain read + write of the same bytes.
+"""Benchmark the streaming merge (warp_scale/merge.py) against plain read + write of the same bytes.
 
-    python bench/merge.py                    # 3 x 1 GB bf16 (init + 2 policies), the default
-    python bench/merge.py --size-gb 0.25 --dtype f32 --policies 3
+    python experiments/bench/merge.py                    # 3 x 1 GB bf16 (init + 2 policies), the default
+    python experiments/bench/merge.py --size-gb 0.25 --dtype f32 --policies 3
 
 Creates synthetic sharded HF-style checkpoints (Gemma-like names and shapes; policies = init +
 a shared and an own small perturbation, so the angle between task vectors is realistic, ~75 deg)
@@ -9,7 +9,7 @@ in a temporary directory, then runs, each in its own subprocess so peak RSS is p
 
   (a) baseline: read every tensor of the M + 1 inputs (safe_open) and write one output of the
       same size (streaming writer, fsync) -- the I/O floor of any merge;
-  (b) the merge: checkpoints.merge_checkpoints (2 read passes over the inputs, 1 write; with
+  (b) the merge: warp_scale.merge.merge_checkpoints (2 read passes over the inputs, 1 write; with
       --max-group-mb, groups that fit are read once and held);
   (c) python + torch + safetensors + warp_min imported, nothing else: the interpreter overhead.
 
@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
@@ -108,7 +108,7 @@ def make_checkpoints(workdir, size_gb, dtype_name, n_policies, shard_gb=0.25, se
 
 def child_baseline(init_dir, policy_dirs, out_dir):
     """Read every tensor of every input; write the init's tensors as one output (same layout)."""
-    import checkpoints as ck
+    from warp_scale import merge as ck
     inputs = [ck.Checkpoint(p) for p in [init_dir] + policy_dirs]
     os.makedirs(out_dir)
     for file, names in inputs[0].files_in_order().items():
@@ -121,14 +121,14 @@ def child_baseline(init_dir, policy_dirs, out_dir):
 
 
 def child_merge(init_dir, policy_dirs, out_dir):
-    import checkpoints as ck
+    from warp_scale import merge as ck
     budget = os.environ.get("WARP_BENCH_MAX_GROUP_MB", "0")
     ck.merge_checkpoints(init_dir, policy_dirs, out_dir, progress=True,
                          max_group_mb=budget if budget == "auto" else float(budget))
 
 
 def child_idle():
-    import checkpoints  # noqa: F401  (torch, safetensors, warp_min)
+    from warp_scale import merge  # noqa: F401  (torch, safetensors, warp_min)
 
 
 def peak_rss_mb():
@@ -169,7 +169,7 @@ def main():
             child_idle()
         else:
             fn = {"baseline": child_baseline, "merge": child_merge}[kind]
-            import checkpoints  # noqa: F401  (imports outside the timed region)
+            from warp_scale import merge  # noqa: F401  (imports outside the timed region)
             t0 = time.perf_counter()
             fn(paths[0], paths[1:-1], paths[-1])
             print(f"seconds {time.perf_counter() - t0:.3f}")

@@ -1,7 +1,7 @@
 """Speed of our Transformer vs transformers' GemmaForCausalLM, same config and same weights.
 
-    python bench/model_speed.py                 # toy default ModelConfig, CPU
-    python bench/model_speed.py --threads 1     # what RL on a busy CPU box sees
+    python experiments/bench/model_speed.py                 # toy default ModelConfig, CPU
+    python experiments/bench/model_speed.py --threads 1     # what RL on a busy CPU box sees
 
 Measures, in one run and interleaved (ours, theirs, ours, ...) so machine load hits both alike:
 - training tokens/s: forward + backward of next-token cross-entropy on a (batch, seq_len) batch,
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -1,7 +1,8 @@
-"""`python warp_min.py reproduce`: each claim of the WARP paper tested on the toy task.
+"""`python -m experiments.reproduce`: each claim of the WARP paper tested on the toy task.
 
 Kept out of warp_min.py so the algorithm reads without it; everything here calls warp_min's own
-functions (train_policy, slerp, lerp, liti, evaluate), nothing is re-implemented.
+functions (slerp, lerp, liti, evaluate; the runs through warp_scale.driver.train_run, which is
+warp_min.train_policy plus the checkpoints claim 5 needs), nothing is re-implemented.
 
 How it runs (see `collect`): the experiments share work. One theta_sft per model width (cached),
 then RL runs in worker processes (one thread each, so a run's numbers never depend on how many
@@ -38,8 +39,11 @@ import time
 import numpy as np
 import torch
 
-import hf_io
 import warp_min as W
+from warp_scale import hf
+from warp_scale.cli import PRESETS as CLI_PRESETS
+from warp_scale.cli import ArgumentParser, RunConfig, UsageError
+from warp_scale.driver import train_run
 
 # ----------------------------------------------------------------------------------------------
 # Presets: what is run. "full" is what results/ holds; "quick" is a 1.5-minute smoke test of the same code.
@@ -58,7 +62,7 @@ FULL_CELLS = {   # claim 10's regimes: one factor at a time around the demo's se
 PRESETS = {
     "full": dict(base=dict(), cells=FULL_CELLS, seeds=[0, 1, 2], iterations=4, beta_large=1.0,
                  lambdas=[round(0.1 * i, 1) for i in range(11)], etas=[0, 0.1, 0.3, 0.5, 0.8, 1]),
-    "quick": dict(base=W.PRESETS["quick"],
+    "quick": dict(base=CLI_PRESETS["quick"],
                   cells={"batch 4": dict(prompts_per_step=1), "batch 8": dict(), "batch 32": dict(prompts_per_step=8),
                          "width 32": dict(d_model=32, head_dim=8, d_ff=128),
                          "width 128": dict(d_model=128, head_dim=32, d_ff=512), "10 steps": dict(steps=10, eval_every=5),
@@ -67,6 +71,7 @@ PRESETS = {
                   etas=[0, 0.1, 0.3, 0.5, 0.8, 1]),
 }
 DEFAULT_CELL = "batch 8"
+RESULTS = os.path.join(os.path.dirname(os.path.relpath(__file__)), "results")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,43 +87,48 @@ def _worker_init():
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 
+SFT_KEYS = ("seed", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "d_ff", "sft_steps", "sft_lr",
+            "sft_batch", "sft_seq_len", "sft_docs", "max_new_tokens")
+
+
 @functools.lru_cache(maxsize=8)
-def _sft(cfg_json):
-    cfg = W.Config(**json.loads(cfg_json))
-    return W.theta_sft_of(cfg, "cpu", log=lambda s: None)
+def _sft(cfg_json, cache_dir):
+    cfg = RunConfig(**json.loads(cfg_json))
+    return W.toy_theta_sft(cfg, cache_dir, log=lambda s: None)
 
 
-def sft_task(cfg_json):
-    _sft(cfg_json)   # trains theta_sft into the cache (or finds it there)
+def sft_task(cfg_json, cache_dir):
+    _sft(cfg_json, cache_dir)   # trains theta_sft into the cache (or finds it there)
     return cfg_json
 
 
-def run_task(cfg_json, spec, init_state, path):
+def run_task(cfg_json, cache_dir, spec, init_state, path):
     """One RL run (warp_min.train_policy) -> PATH.safetensors (final weights, + checkpoints) and PATH.json."""
-    cfg = W.Config(**json.loads(cfg_json))
+    cfg = RunConfig(**json.loads(cfg_json))
     cfg = dataclasses.replace(cfg, beta=spec["beta"],
                               checkpoint_every=spec["steps"] // 4 if spec["checkpoints"] else 0)
-    sft = _sft(cfg_json)
+    sft = _sft(cfg_json, cache_dir)
     rows, saved = [], {}
 
     def keep(run):   # the policy's weights at every quarter of the run (claim 5's control)
         meta, tensors = run
         saved.update({f"step{meta['step']}/{k[7:]}": v.clone() for k, v in tensors.items() if k.startswith("policy/")})
 
-    final, _ = W.train_policy(cfg, init_state if init_state is not None else sft, sft, spec["seed"], spec["steps"],
-                              anchor=spec["anchor"], log=lambda s: None, emit=rows.append,
-                              on_checkpoint=keep if spec["checkpoints"] else None)
-    hf_io.save_atomic({**{f"final/{k}": v for k, v in final.items()}, **saved}, path + ".safetensors")
+    final, _ = train_run(cfg, W.toy_task(), W.toy_network(cfg), init_state if init_state is not None else sft, sft,
+                         spec["seed"], spec["steps"], anchor=spec["anchor"], log=lambda s: None, emit=rows.append,
+                         on_checkpoint=keep if spec["checkpoints"] else None)
+    hf.save_atomic({**{f"final/{k}": v for k, v in final.items()}, **saved}, path + ".safetensors")
     trajectory = [{k: r[k] for k in ("step", "reward", "reward_se", "kl", "kl_se", "quality")}
                   for r in rows if r["kind"] == "trajectory"]
     _write_json({"spec": spec, "trajectory": trajectory}, path + ".json")   # written last: marks the run done
     return path
 
 
-def eval_task(cfg_json, state):
-    cfg = W.Config(**json.loads(cfg_json))
-    sft_model = W.build_model(cfg, _sft(cfg_json))
-    point = W.evaluate(W.build_model(cfg, state), sft_model, cfg, "cpu")
+def eval_task(cfg_json, cache_dir, state):
+    cfg = RunConfig(**json.loads(cfg_json))
+    net = W.toy_network(cfg)
+    sft_model = W.build_model(net, _sft(cfg_json, cache_dir))
+    point = W.evaluate(W.build_model(net, state), sft_model, W.toy_task(), cfg, "cpu")
     return {k: point[k] for k in ("reward", "reward_se", "kl", "kl_se", "quality")}
 
 
@@ -160,31 +170,31 @@ class Lab:
 
     def __init__(self, preset, cache, workers, log):
         self.preset, self.cache, self.log = preset, cache, log
+        self.sft_dir = os.path.join(cache, "sft")
         self.pool = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
         self.cfgs = {}
         for name, overrides in preset["cells"].items():
-            cfg = W.Config(**{**preset["base"], **overrides, "seed": 0, "cache_dir": os.path.join(cache, "sft"),
-                              "baseline": False})
+            cfg = RunConfig(**{**preset["base"], **overrides, "seed": 0, "baseline": False})
             self.cfgs[name] = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
         os.makedirs(os.path.join(cache, "runs"), exist_ok=True)
         self.sft_states = {}
         self.submitted = self.done = 0       # runs trained in this invocation (cached ones are not counted)
 
     def cfg(self, cell):
-        return W.Config(**json.loads(self.cfgs[cell]))
+        return RunConfig(**json.loads(self.cfgs[cell]))
 
     def start_sft(self):
         """Train theta_sft of every width in the workers (choice: one theta_sft for all seeds: the seeds
         vary the RL runs); returns {cell: future}. Regimes of one width share it (same cache entry)."""
         by_path = {}
         for cell in self.cfgs:
-            by_path.setdefault(W.sft_cache_path(self.cfg(cell)), []).append(cell)
+            by_path.setdefault(str([getattr(self.cfg(cell), k) for k in SFT_KEYS]), []).append(cell)
         # the widest first: its SFT is the longest, the other worker meanwhile trains the rest and starts runs
         order = sorted(by_path.values(), key=lambda cells: -self.cfg(cells[0]).d_model)
         futures = {}
         for cells in order:
-            future = self.pool.submit(sft_task, self.cfgs[cells[0]])
+            future = self.pool.submit(sft_task, self.cfgs[cells[0]], self.sft_dir)
             futures.update({cell: future for cell in cells})
         return futures
 
@@ -192,7 +202,7 @@ class Lab:
         """theta_sft of a regime, once its training is done."""
         if cell not in self.sft_states:
             futures[cell].result()
-            self.sft_states[cell] = _sft(self.cfgs[cell])
+            self.sft_states[cell] = _sft(self.cfgs[cell], self.sft_dir)
         return self.sft_states[cell]
 
     def run(self, cell, seed, iteration, run, init=None, init_name="theta_sft", anchor="ema", beta=None,
@@ -211,7 +221,7 @@ class Lab:
             done.set_result(path)
             future = done
         else:
-            future = self.pool.submit(run_task, self.cfgs[cell], spec, init, path)
+            future = self.pool.submit(run_task, self.cfgs[cell], self.sft_dir, spec, init, path)
             self.submitted += 1
             future.add_done_callback(lambda f: self._finished(f, cell, spec))
         return _Then(future, Run)
@@ -223,7 +233,7 @@ class Lab:
                      f"beta {spec['beta']:g}, seed {spec['seed']}")
 
     def evaluate(self, cell, state):
-        return self.pool.submit(eval_task, self.cfgs[cell], state)
+        return self.pool.submit(eval_task, self.cfgs[cell], self.sft_dir, state)
 
 
 class _Then:
@@ -862,27 +872,28 @@ def write_outputs(raw, out):
 
 
 def main(argv):
-    parser = W.ArgumentParser(prog="warp_min.py reproduce",
+    parser = ArgumentParser(prog="python -m experiments.reproduce",
                               description="Test each claim of the WARP paper on the toy task (see README, "
                                           "'Does it reproduce?'). full: ~22 min on 2 CPU cores (2-3 min with "
                                           "every run cached); quick: ~1.5 min.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="full (the committed results/: demo-size model, T = 200, 3 seeds) or quick (the quick "
                              "demo's model, T = 40: a smoke test whose verdicts mean little)")
-    parser.add_argument("--out", help="output directory (default: results/ for full, runs/reproduce-quick for quick)")
+    parser.add_argument("--out", help="output directory (default: experiments/results/ for full, runs/reproduce-quick "
+                        "for quick)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, one thread each (default 2)")
     parser.add_argument("--cache", default="runs/.reproduce-cache",
                         help="theta_sft and finished runs, reused by a rerun (default runs/.reproduce-cache)")
     try:
         args = parser.parse_args(argv)
         if args.workers < 1:
-            raise W.UsageError(f"--workers {args.workers}: must be at least 1")
-        out = args.out or ("results" if args.preset == "full" else "runs/reproduce-quick")
+            raise UsageError(f"--workers {args.workers}: must be at least 1")
+        out = args.out or (RESULTS if args.preset == "full" else "runs/reproduce-quick")
         if os.path.exists(out) and not os.path.isdir(out):
-            raise W.UsageError(f"--out {out}: exists and is not a directory")
+            raise UsageError(f"--out {out}: exists and is not a directory")
         if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "claims.json")):
-            raise W.UsageError(f"--out {out}: a non-empty directory that holds no earlier reproduction (claims.json)")
-    except W.UsageError as e:
+            raise UsageError(f"--out {out}: a non-empty directory that holds no earlier reproduction (claims.json)")
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_flush_denormal(True)
@@ -901,3 +912,7 @@ def main(argv):
         print(f"claim {c['id']:2d} {c['title']:45s} {c['verdict']}")
     print(f"done in {time.time() - t0:.0f}s; outputs in {out}/")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

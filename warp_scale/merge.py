@@ -1,6 +1,7 @@
 """Streaming merge of safetensors checkpoints: WARP's SLERP of task vectors (+ LITI) at any size.
 
-    python warp_min.py merge --init SFT --policies RL1 RL2 --out MERGED [--lam 0.5] [--eta 0.3]
+    warp-min-merge --init SFT --policies RL1 RL2 --out MERGED [--lam 0.5] [--eta 0.3]
+    python warp_min.py merge ...   (the same)
 
 The merge math is not here: it is warp_min.py's ("Weight-space operations"), reused as is --
 `group_of` (which tensors share an angle), `tensor_gram` (float64 Gram of one tensor's task
@@ -981,7 +982,7 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: python warp_min.py merge ...  (or python checkpoints.py ...)
+# CLI: warp-min-merge ... (= python warp_min.py merge ... = python -m warp_scale.merge ...)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1001,7 +1002,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser():
     p = _OneLineParser(
-        prog="warp_min.py merge",
+        prog="warp-min-merge", allow_abbrev=False,
         description="Merge RL policies fine-tuned from the same init: SLERP of task vectors "
                     "(WARP, arXiv 2406.16768), optionally followed by LITI towards the init. "
                     "Streams safetensors checkpoints of any size; the output mirrors the init's "
@@ -1038,8 +1039,9 @@ def build_parser():
     return p
 
 
-def merge_cli(argv):
-    """Entry point for `python warp_min.py merge ...`; returns the exit status (2 = user error)."""
+def main(argv=None):
+    """`warp-min-merge ...` (= `python warp_min.py merge ...`); returns the exit status (2 = user error)."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
         merge_checkpoints(args.init, args.policies, args.out, lam=args.lam, eta=args.eta,
@@ -1056,4 +1058,4 @@ def merge_cli(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(merge_cli(sys.argv[1:]))
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """The M runs of a WARP iteration on separate processes, with PyTorch's own distributed runtime.
 
-    torchrun --nproc-per-node 2 warp_min.py demo ...      # one process (rank) per run
-    python warp_min.py demo --workers 2 ...               # the same, launched for you
+    torchrun --nproc-per-node 2 warp_min.py ...           # one process (rank) per run
+    python warp_min.py --workers 2 ...                    # the same, launched for you
 
 Run m of every iteration trains on rank m % world_size; each run's seed depends only on
 (seed, iteration, m), so the result does not depend on how many processes there are: with the
@@ -94,7 +94,7 @@ def gather_rows(rows_by_run):
 def launch(workers, argv):
     """`--workers N`: re-run this command under torchrun with N processes; returns its exit status."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-               os.path.abspath(sys.argv[0]), *argv]
+               "-m", "warp_scale.cli", *argv]
     status = subprocess.call(command)
     if status != 0:
         print(f"error: the distributed run failed (exit status {status}); torchrun's report above names the "

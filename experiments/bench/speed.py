@@ -1,7 +1,7 @@
 """Speed of the toy pipeline, measured in one run (ratios are what to compare across machines).
 
-    python bench/speed.py              # KV-cache ratio, training tokens/s, quick + default demo times
-    python bench/speed.py --no-demos   # only the micro-benchmarks (a few seconds)
+    python experiments/bench/speed.py              # KV-cache ratio, training tokens/s, quick + default demo times
+    python experiments/bench/speed.py --no-demos   # only the micro-benchmarks (a few seconds)
 
 Prints: sampling tokens/s with and without the KV cache (and their ratio), RL training tokens/s
 (one full rl_step: sample + three forward passes + backward), and the wall time of
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import warp_min as W  # noqa: E402
@@ -38,9 +38,10 @@ def main():
     parser.add_argument("--no-demos", action="store_true", help="skip the demo wall-time measurements")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
-    cfg = W.Config(device="cpu")
-    model = W.build_model(cfg, seed=0).eval()
-    tok = W.load_tokenizer()
+    cfg, task = W.Config(device="cpu"), W.toy_task()
+    net = W.toy_network(cfg)
+    model = W.Transformer(net, generator=torch.Generator().manual_seed(0)).eval()
+    tok = task.tokenizer
     prompts = torch.tensor([tok.encode_prompt(p) for p in reviews.eval_prompts(16) for _ in range(4)])  # (64, 6)
     n_new = cfg.max_new_tokens
     for use_cache in (True, False):  # no eos: every row generates n_new tokens
@@ -53,11 +54,12 @@ def main():
             cached = rate
     print(f"KV-cache speed-up: {cached / rate:.1f}x")
 
-    policy, anchor = W.build_model(cfg, seed=0), W.build_model(cfg, seed=0)
+    policy = W.Transformer(net, generator=torch.Generator().manual_seed(0))
+    anchor = W.Transformer(net, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(policy.parameters(), lr=1e-4)
     batch = [p for p in reviews.eval_prompts(cfg.prompts_per_step) for _ in range(cfg.samples_per_prompt)]
     gen = torch.Generator().manual_seed(0)
-    seconds, stats = best_of(lambda: W.rl_step(policy, anchor, opt, batch, cfg, gen, torch.device("cpu")), 5)
+    seconds, stats = best_of(lambda: W.rl_step(policy, anchor, opt, batch, task, cfg, gen, torch.device("cpu")), 5)
     print(f"RL step ({len(batch)} sequences, d_model {cfg.d_model}, {cfg.n_layer} layers): {seconds * 1e3:.0f} ms, "
           f"{stats['tok_s']:.0f} completion tok/s")
 
