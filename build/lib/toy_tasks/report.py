@@ -1,0 +1,120 @@
+"""Plumbing for the demo's outputs: the Pareto plot, the summary table and sample completions.
+
+Kept out of warp_min.py so the algorithm reads without it. Everything here is recomputable from
+metrics.jsonl (see `plot_pareto`), so figures can be redrawn without re-running training.
+"""
+
+import json
+import os
+
+import torch
+
+
+def load_rows(path):
+    """The rows of a metrics.jsonl; [] if there is none. Only complete lines: a run killed mid-write
+    may leave a partial last line (and --resume truncates the file to its checkpoint's rows)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+
+
+def plot_pareto(rows, path, title="WARP on the toy review task"):
+    """KL-reward plane: each iteration's LITI front (eta markers), training trajectories faintly behind."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    sft = next(r for r in rows if r.get("label") == "theta_sft")
+    iterations = sorted({r["iteration"] for r in rows if r["kind"] == "front"})
+    colors = plt.cm.viridis([0.15 + 0.7 * i / max(1, len(iterations) - 1) for i in range(len(iterations))])
+    for it, color in zip(iterations, colors):
+        traj = [r for r in rows if r["kind"] == "trajectory" and r["iteration"] == it]
+        for run in sorted({r["run"] for r in traj}, key=str):
+            start = [r for r in rows if r["kind"] == "eval" and r["iteration"] == it - 1][-1]   # theta_init
+            pts = [(start["kl"], start["reward"])]
+            pts += [(r["kl"], r["reward"]) for r in traj if r["run"] == run]
+            ax.plot(*zip(*pts), color=color, alpha=0.3, lw=1, marker=".", ms=3)
+        front = sorted((r for r in rows if r["kind"] == "front" and r["iteration"] == it), key=lambda r: r["eta"])
+        ax.plot([r["kl"] for r in front], [r["reward"] for r in front], color=color, lw=2, marker="o",
+                label=f"iteration {it}: LITI front from theta_sft (eta = 0..1)")
+        for r in front:
+            ax.annotate(f"{r['eta']:g}", (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=color)
+    base = [r for r in rows if r["kind"] == "trajectory" and r.get("run") == "sft-anchor"]
+    if base:
+        ax.plot([0.0] + [r["kl"] for r in base], [sft["reward"]] + [r["reward"] for r in base], color="gray",
+                ls="--", lw=1.2, marker="x", ms=4, label="plain RL, SFT anchor (trajectory)")
+    ax.scatter([0], [sft["reward"]], color="black", zorder=5, label="theta_sft")
+    ax.set_xlabel("KL(pi || pi_sft)  [nats per completion, k1 estimate on 256 samples]")
+    ax.set_ylabel("reward r(x, y)  [mean over evaluation samples]")
+    ax.set_title(title + "\n(faint: training trajectories of the M runs of each iteration)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def closest_kl(rows, kl):
+    return min(rows, key=lambda r: abs(r["kl"] - kl)) if rows else None
+
+
+def table(rows):
+    """Markdown summary: theta_sft, each run's endpoint, each iteration's SLERP and LITI models, baseline."""
+    lines = ["| model | reward | KL(pi‖pi_sft) | quality (grammatical) |", "|---|---|---|---|"]
+
+    def line(name, r):
+        quality = f"{r['quality']:.2f}" if "quality" in r else "n/a"
+        lines.append(f"| {name} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
+                     f"| {quality} |")
+
+    evals = [r for r in rows if r["kind"] == "eval"]
+    line("theta_sft", evals[0])
+    for it in sorted({r["iteration"] for r in evals if r["iteration"] > 0}):
+        traj = [r for r in rows if r["kind"] == "trajectory" and r["iteration"] == it]
+        for run in sorted({r["run"] for r in traj}, key=str):
+            line(f"iter {it} run {run} (EMA anchor, end)", [r for r in traj if r["run"] == run][-1])
+        for r in evals:
+            if r["iteration"] == it:
+                line(r["label"], r)
+    warp_final = evals[-1]
+    base = [r for r in rows if r["kind"] == "trajectory" and r.get("run") == "sft-anchor"]
+    if base:
+        near = closest_kl(base, warp_final["kl"])
+        line(f"plain RL, SFT anchor, step {near['step']} (KL closest to WARP's)", near)
+        line(f"plain RL, SFT anchor, step {base[-1]['step']} (end)", base[-1])
+    return "\n".join(lines), warp_final, (closest_kl(base, warp_final["kl"]) if base else None)
+
+
+@torch.no_grad()
+def completions(prompts, models, build, sample, seed):
+    """The completions of `prompts` by each model, with the same sampling seed.
+    sample(model, prompts, generator) -> (tokens, mask, texts, finished), e.g. warp_min.sample."""
+    out = {}
+    for name, state in models.items():
+        model = build(state)
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        _, _, texts, finished = sample(model, prompts, gen)
+        out[name] = [(p, t + ("" if f else " …")) for p, t, f in zip(prompts, texts, finished)]
+    return out
+
+
+def summarize(cfg, rows, models, build, sample, eval_prompts, seed, log=print, n=3):
+    """Write pareto.png and summary.md into cfg.out, print the table and completions of the first
+    n evaluation prompts; return the results."""
+    plot_pareto(rows, os.path.join(cfg.out, "pareto.png"))
+    md, warp_final, plain_near = table(rows)
+    names = {"sft": "theta_sft", "plain": "plain RL (SFT anchor, end)", "warp": "WARP (final LITI model)"}
+    models = {k: models[k] for k in names if k in models}   # fixed order: sft, plain, warp
+    samples = completions(eval_prompts[:n], models, build, sample, seed)
+    text = [md, "", "Completions (same prompts, same sampling seed):", ""]
+    for key, pairs in samples.items():
+        for prompt, completion in pairs:
+            text.append(f"- **{names[key]}** — `{prompt}` → {completion}")
+    summary = "\n".join(text)
+    with open(os.path.join(cfg.out, "summary.md"), "w") as f:
+        f.write(summary + "\n")
+    log("\n" + summary)
+    return {"rows": rows, "warp": warp_final, "plain_at_same_kl": plain_near, "summary": summary}
