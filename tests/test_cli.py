@@ -58,6 +58,7 @@ BAD = {   # flag: (bad value or None for a bare flag, fragment of the expected m
     "--checkpoint-every": ("-1", "--checkpoint-every -1: must be >= 0"),
     "--max-skips": ("0", "--max-skips 0: must be >= 1"),
     "--allow-extrapolation": ("=x", "ignored explicit argument"),
+    "--front-samples": ("-1", "--front-samples -1: must be >= 0"),
     "--no-allow-extrapolation": ("=x", "ignored explicit argument"),
     "--init": ("/nonexistent/gemma", "--init /nonexistent/gemma: not a directory"),
     "--dtype": ("float16", "--dtype float16: must be float32, bfloat16 or auto"),

@@ -143,7 +143,7 @@ def test_production_loop_equals_warp_min_warp_bit_for_bit(tmp_path):
     cfg = RunConfig(n_layer=2, d_model=32, n_head=2, n_kv_head=1, head_dim=16, d_ff=64, sft_steps=20, sft_docs=300,
                     iterations=2, runs=2, steps=4, prompts_per_step=1, samples_per_prompt=3, log_every=2,
                     eval_every=2, eval_prompts=4, eval_samples=1, max_new_tokens=10, etas="0,1", device="cpu",
-                    threads=1, checkpoint_every=2, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+                    threads=1, checkpoint_every=2, front_samples=0, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
     task, net = W.toy_task(), W.toy_network(cfg)
     theta_sft = W.toy_theta_sft(cfg, cfg.cache_dir, log=lambda s: None)
     rows = []

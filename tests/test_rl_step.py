@@ -41,9 +41,14 @@ def tiny_models():
 
 
 def batch(policy, seed=1):
-    prompts = [p for p in reviews.eval_prompts(2) for _ in range(K)]       # 2 prompts x k samples, adjacent
-    tokens, mask, texts, _ = W.sample(policy, prompts, TASK, CFG, torch.Generator().manual_seed(seed), "cpu")
-    return prompts, tokens, mask, texts
+    """2 prompts x k samples (adjacent); the first seed from `seed` on whose completions end at different
+    lengths (some at <|endoftext|>), so masking is exercised."""
+    prompts = [p for p in reviews.eval_prompts(2) for _ in range(K)]
+    for s in range(seed, seed + 50):
+        tokens, mask, texts, _ = W.sample(policy, prompts, TASK, CFG, torch.Generator().manual_seed(s), "cpu")
+        if len(set(mask.sum(1).tolist())) > 1:
+            return prompts, tokens, mask, texts, s
+    raise AssertionError("no batch with unequal completion lengths")
 
 
 def seq_logprob64(model, tokens, mask, i, temperature):
@@ -89,8 +94,8 @@ def test_reinforce_gradient_equals_independent_reinforce(variant):
     """The loss's gradient is the reference's to fp32 accuracy (1e-4 relative); against each of the
     three wrong references it differs by more than 1e-2 -- each of those bugs would be caught."""
     policy, anchor = tiny_models()
-    prompts, tokens, mask, texts = batch(policy)
-    assert mask.sum(1).min() >= 2 and len(set(mask.sum(1).tolist())) > 1   # real, unequal completions
+    prompts, tokens, mask, texts, _ = batch(policy)
+    assert mask.sum(1).min() >= 2                                           # real completions
     r = torch.tensor([0.3, -1.2, 2.0, 0.7, 0.1, -0.4])                     # any rewards will do
     loss, stats = W.reinforce_loss(policy, anchor, tokens, mask, r, CFG)
     loss.backward()
@@ -108,11 +113,11 @@ def test_rl_step_applies_that_gradient_then_the_ema():
     then theta_ema <- (1 - mu) theta_ema + mu theta with the new theta."""
     policy, anchor = tiny_models()
     before, anchor_before = copy.deepcopy(policy), copy.deepcopy(anchor)
-    prompts, tokens, mask, texts = batch(policy, seed=5)                      # the batch rl_step will draw
+    prompts, tokens, mask, texts, seed = batch(policy, seed=5)                # the batch rl_step will draw
     reference = reference_gradient(policy, anchor, tokens, mask, TASK.reward(prompts, texts))
     lr = 0.1
     W.rl_step(policy, anchor, torch.optim.SGD(policy.parameters(), lr=lr), prompts, TASK, CFG,
-              torch.Generator().manual_seed(5), "cpu")
+              torch.Generator().manual_seed(seed), "cpu")
     after = dict(policy.named_parameters())
     for name, p0 in before.named_parameters():
         torch.testing.assert_close(after[name].double(), p0.double() - lr * reference[name], rtol=0, atol=1e-5)
@@ -124,6 +129,6 @@ def test_rl_step_applies_that_gradient_then_the_ema():
 def test_samples_of_a_prompt_must_be_adjacent():
     """The baseline groups rows k at a time: a batch that is not a multiple of k is refused."""
     policy, anchor = tiny_models()
-    _, tokens, mask, _ = batch(policy)
+    _, tokens, mask, _, _ = batch(policy)
     with pytest.raises(RuntimeError):
         W.reinforce_loss(policy, anchor, tokens[:5], mask[:5], torch.zeros(5), dataclasses.replace(CFG))

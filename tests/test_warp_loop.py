@@ -157,7 +157,7 @@ def test_quick_demo_end_to_end(tmp_path):
     higher reward than theta_sft on the evaluation set."""
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "warp_min.py", "demo", "--preset", "quick", "--out", str(out),
-                           "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True,
+                           "--cache-dir", str(tmp_path / "cache"), "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ["config.json", "metrics.jsonl", "pareto.png", "final.safetensors", "summary.md"]:

@@ -46,6 +46,16 @@ def plot_pareto(rows, path, title="WARP on the toy review task"):
     if base:
         ax.plot([0.0] + [r["kl"] for r in base], [sft["reward"]] + [r["reward"] for r in base], color="gray",
                 ls="--", lw=1.2, marker="x", ms=4, label="plain RL, SFT anchor (trajectory)")
+    best = sorted((r for r in rows if r["kind"] == "optimal_front"), key=lambda r: r["kl"])
+    if best:
+        trusted = [r for r in best if r["trusted"]]
+        beyond = trusted[-1:] + [r for r in best if not r["trusted"]]
+        ax.plot([0.0] + [r["kl"] for r in trusted], [sft["reward"]] + [r["reward"] for r in trusted], color="black",
+                lw=1.5, label=f"optimal front pi_sft exp(r/beta)/Z: the best any method can do "
+                              f"({best[0]['samples']} samples/prompt)")
+        if len(beyond) > 1:
+            ax.plot([r["kl"] for r in beyond], [r["reward"] for r in beyond], color="black", lw=1.2, ls=":",
+                    label="optimal front beyond its trusted range: a lower bound (too few samples)")
     ax.scatter([0], [sft["reward"]], color="black", zorder=5, label="theta_sft")
     ax.set_xlabel("KL(pi || pi_sft)  [nats per completion, k1 estimate on 256 samples]")
     ax.set_ylabel("reward r(x, y)  [mean over evaluation samples]")

@@ -41,6 +41,8 @@ class RunConfig(W.Config):
                                 "(0: only after runs); `--resume OUT` continues from it")
     max_skips: int = arg(10, "stop after this many consecutive steps with a non-finite loss or gradient")
     allow_extrapolation: bool = arg(False, "allow --eta / --etas above 1 (LITI then extrapolates past the merge)")
+    front_samples: int = arg(64, "completions of theta_sft per evaluation prompt for the optimal KL-reward front "
+                             "on the plot (0: not drawn); more samples reach further (docs/reproducing.md)")
     # your own model, prompts and reward (tasks.py)
     init: str = arg("", "Hugging Face Gemma checkpoint directory (config.json, safetensors, tokenizer.json) used as "
                     "theta_sft: SFT is skipped and the model and --sft-* flags are ignored")
@@ -61,7 +63,7 @@ PRESETS = {
     # tests and a first look: must finish within ~60 s on 2 CPU cores
     "quick": dict(n_layer=2, d_model=64, head_dim=16, d_ff=256, sft_steps=150, sft_docs=3000,
                   iterations=1, steps=40, lr=1e-3, log_every=10, eval_every=20, eval_prompts=32, eval_samples=2,
-                  etas="0,0.5,1"),
+                  etas="0,0.5,1", front_samples=16),
     # the README demo: within 5 minutes on 2 CPU cores
     "default": dict(),
 }
@@ -116,6 +118,7 @@ def validate(cfg: RunConfig):
         (cfg.workers >= 1, "--workers", cfg.workers, "must be >= 1"),
         (cfg.checkpoint_every >= 0, "--checkpoint-every", cfg.checkpoint_every, "must be >= 0"),
         (cfg.max_skips >= 1, "--max-skips", cfg.max_skips, "must be >= 1"),
+        (cfg.front_samples >= 0, "--front-samples", cfg.front_samples, "must be >= 0 (0: no optimal front)"),
         (cfg.dtype in ("auto", "float32", "bfloat16"), "--dtype", cfg.dtype, "must be float32, bfloat16 or auto"),
         (cfg.save_dtype in ("auto", "float32", "bfloat16"), "--save-dtype", cfg.save_dtype,
          "must be float32, bfloat16 or auto"),
