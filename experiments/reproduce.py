@@ -10,9 +10,12 @@ workers there are), merges in the main process, and evaluations back in the work
 scored on the same prompts with the same random numbers. A run is cached on disk under its full
 description, so an interrupted reproduction continues where it stopped.
 
-  phase 1  claim 10: two runs per (regime, seed) for seven regimes (batch size, width, run length, lr)
-           -> the regime whose task vectors are the most orthogonal ("closest to the paper's")
-  phase 2  in that regime: two more runs (M = 4), the anchor/beta runs of claim 1, iteration 2
+  phase 1  claim 10: two runs per (regime, seed) for seven regimes around the preset's (batch size, width,
+           run length, lr); the optimal KL-reward front of each theta_sft
+  phase 2  in the preset's regime ("full": the demo's, chosen by the rule of docs/regime-rule.md before any
+           verdict was seen; "converged": the demo's settings before that rule, whose runs reach the reward
+           ceiling): two more runs (M = 4), the anchor/beta runs of claim 1, plain RL at several beta
+           (claim 11's envelope), iteration 2
   phase 3+ iterations 3..I of the WARP loop (claim 7)
 
 Then `CLAIMS` turns the numbers into one verdict per claim. Each claim's rule is code next to its
@@ -43,34 +46,50 @@ import warp_min as W
 from warp_scale import hf
 from warp_scale.cli import PRESETS as CLI_PRESETS
 from warp_scale.cli import ArgumentParser, RunConfig, UsageError
+from warp_scale import driver
 from warp_scale.driver import train_run
 
 # ----------------------------------------------------------------------------------------------
-# Presets: what is run. "full" is what results/ holds; "quick" is a 1.5-minute smoke test of the same code.
+# Presets: what is run. "full" is what experiments/results/ holds, "converged" experiments/results/converged/;
+# "quick" is a 1.5-minute smoke test of the same code.
 # ----------------------------------------------------------------------------------------------
 
-FULL_CELLS = {   # claim 10's regimes: one factor at a time around the demo's settings
+CONVERGED = dict(lr=3e-4, prompts_per_step=2, beta=0.1, steps=200, eval_every=50)   # the demo before the rule
+CONVERGED_CELLS = {   # claim 10's regimes: one factor at a time around those settings
     "batch 4": dict(prompts_per_step=1),
-    "batch 8": dict(),                                        # the demo: 2 prompts x 4 samples per step
+    "batch 8": dict(),                                        # 2 prompts x 4 samples per step
     "batch 32": dict(prompts_per_step=8),
     "width 64": dict(d_model=64, head_dim=16, d_ff=256),
     "width 256": dict(d_model=256, head_dim=64, d_ff=1024),
-    # added after the first full run, which had only the five above (README, "Does it reproduce?"):
     "50 steps": dict(steps=50, eval_every=10),                # runs stopped far below the reward ceiling
     "lr 1e-3": dict(lr=1e-3),                                 # gradient noise through the step size
 }
+
+
+def cells_around(base):
+    """Claim 10's regimes around the demo's settings `base`: the demo's own, and one factor changed at a time."""
+    cfg = RunConfig(**base)
+    return {"demo": dict(), "4x batch": dict(prompts_per_step=4 * cfg.prompts_per_step),
+            "width 64": dict(d_model=64, head_dim=16, d_ff=256), "width 256": dict(d_model=256, head_dim=64, d_ff=1024),
+            "T / 2": dict(steps=cfg.steps // 2, eval_every=max(1, cfg.steps // 8)), "3x lr": dict(lr=3 * cfg.lr),
+            "10x lr": dict(lr=10 * cfg.lr)}
+
+
 PRESETS = {
-    "full": dict(base=dict(), cells=FULL_CELLS, seeds=[0, 1, 2], iterations=4, beta_large=1.0,
+    "full": dict(base=dict(CLI_PRESETS["default"]), regime="demo", cells=cells_around(CLI_PRESETS["default"]),
+                 seeds=[0, 1, 2], iterations=4, beta_large=1.0, envelope=[0.5, 1, 3, 10], front_samples=400,
                  lambdas=[round(0.1 * i, 1) for i in range(11)], etas=[0, 0.1, 0.3, 0.5, 0.8, 1]),
+    "converged": dict(base=CONVERGED, regime="batch 8", cells=CONVERGED_CELLS, seeds=[0, 1, 2], iterations=4,
+                      beta_large=1.0, envelope=[0.5, 1, 3, 10], front_samples=400,
+                      lambdas=[round(0.1 * i, 1) for i in range(11)], etas=[0, 0.1, 0.3, 0.5, 0.8, 1]),
     "quick": dict(base=CLI_PRESETS["quick"],
                   cells={"batch 4": dict(prompts_per_step=1), "batch 8": dict(), "batch 32": dict(prompts_per_step=8),
                          "width 32": dict(d_model=32, head_dim=8, d_ff=128),
                          "width 128": dict(d_model=128, head_dim=32, d_ff=512), "10 steps": dict(steps=10, eval_every=5),
                          "lr 3e-3": dict(lr=3e-3)},
-                  seeds=[0, 1, 2], iterations=3, beta_large=1.0, lambdas=[0, 0.25, 0.5, 0.75, 1],
-                  etas=[0, 0.1, 0.3, 0.5, 0.8, 1]),
+                  regime="batch 8", seeds=[0, 1, 2], iterations=3, beta_large=1.0, envelope=[0.5, 1, 3],
+                  front_samples=32, lambdas=[0, 0.25, 0.5, 0.75, 1], etas=[0, 0.1, 0.3, 0.5, 0.8, 1]),
 }
-DEFAULT_CELL = "batch 8"
 RESULTS = os.path.join(os.path.dirname(os.path.relpath(__file__)), "results")
 
 
@@ -124,6 +143,14 @@ def run_task(cfg_json, cache_dir, spec, init_state, path):
     return path
 
 
+def front_task(cfg_json, cache_dir, n):
+    """The optimal KL-reward front of a regime's theta_sft (warp_scale.driver.optimal_front_rows)."""
+    cfg = RunConfig(**json.loads(cfg_json))
+    sft_model = W.build_model(W.toy_network(cfg), _sft(cfg_json, cache_dir))
+    rows = driver.optimal_front_rows(cfg, W.toy_task(), sft_model, n, "cpu", log=lambda s: None)
+    return [{k: r[k] for k in ("beta", "reward", "kl", "ess_mean", "trusted", "quality", "samples")} for r in rows]
+
+
 def eval_task(cfg_json, cache_dir, state):
     cfg = RunConfig(**json.loads(cfg_json))
     net = W.toy_network(cfg)
@@ -170,7 +197,7 @@ class Lab:
 
     def __init__(self, preset, cache, workers, log):
         self.preset, self.cache, self.log = preset, cache, log
-        self.sft_dir = os.path.join(cache, "sft")
+        self.sft_dir = os.path.join(os.path.dirname(os.path.abspath(cache)), "sft")   # shared by the presets
         self.pool = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
         self.cfgs = {}
@@ -234,6 +261,9 @@ class Lab:
 
     def evaluate(self, cell, state):
         return self.pool.submit(eval_task, self.cfgs[cell], self.sft_dir, state)
+
+    def front(self, cell, n):
+        return self.pool.submit(front_task, self.cfgs[cell], self.sft_dir, n)
 
 
 class _Then:
@@ -301,12 +331,12 @@ def collect(preset, cache, workers, log=print):
                                       "cosine": W.cosine_report(lab.sft_states[c], [r.final for r in runs],
                                                                 "model")["model"],
                                       "slerp": lab.evaluate(c, merged)}
+        regime = raw["regime"] = preset["regime"]
+        front = lab.front(regime, preset["front_samples"])
         raw["cells"] = get(raw["cells"])
-        regime = choose_regime(raw["cells"])
-        raw["regime"] = regime
-        phase(f"regime closest to the paper's (most orthogonal task vectors, runs not degenerate): {regime}")
+        phase(f"phase 2 in the preset's regime ({regime}): M = 4, claim 1's and 11's runs, iteration 2")
 
-        # phase 2 -- in that regime: M = 4, claim 1's anchors and betas, and WARP iteration 2
+        # phase 2 -- in that regime: M = 4, claim 1's anchors and betas, plain RL's envelope, WARP iteration 2
         sft, cfg = lab.sft_states[regime], lab.cfg(regime)
         raw["steps"], raw["eval_every"], T = cfg.steps, cfg.eval_every, cfg.steps
         first = {s: get(pairs[regime][s]) for s in seeds}
@@ -318,6 +348,11 @@ def collect(preset, cache, workers, log=print):
                        "sft, beta=%g" % preset["beta_large"]: lab.run(regime, s, 1, 0, anchor="sft",
                                                                       beta=preset["beta_large"])}
                    for s in seeds}
+        # claim 11: plain RL (SFT anchor) for 2T steps -- the steps of one WARP run over two iterations -- at
+        # several beta; the demo's beta is claim 1's "sft" run
+        envelope = {s: {f"{f:g}x beta": (lab.run(regime, s, 1, 0, anchor="sft", beta=f * cfg.beta, steps=2 * T)
+                                          if f != 1 else anchors[s]["sft, beta=%g" % cfg.beta])
+                        for f in preset["envelope"]} for s in seeds}
         theta_init = {s: {1: sft} for s in seeds}
         merged = {s: {} for s in seeds}
         iteration_runs = {s: {1: first[s]} for s in seeds}
@@ -354,10 +389,12 @@ def collect(preset, cache, workers, log=print):
                 "cosine": cosines(sft, finals),
                 "anchors": {k: trajectory(raw["sft"][regime], v.result() if v else r0) for k, v in anchors[s].items()},
                 "run trajectories": [trajectory(raw["sft"][regime], r) for r in (r0, r1)],
+                "envelope": {k: trajectory(raw["sft"][regime], v.result()) for k, v in envelope[s].items()},
                 "iteration trajectories": {it: [r.trajectory for r in iteration_runs[s][it]]
                                            for it in range(1, preset["iterations"] + 1)},
                 "evals": e}
         raw["seeds"] = get(raw["seeds"])
+        raw["optimal_front"] = front.result()
         for s in seeds:   # run endpoints = their trajectories' last evaluation (same weights, same seed)
             raw["seeds"][s]["evals"]["M=1"] = raw["seeds"][s]["run trajectories"][0][-1]
             raw["seeds"][s]["evals"]["M=2"] = raw["seeds"][s]["evals"]["slerp 0.5"]
@@ -365,15 +402,6 @@ def collect(preset, cache, workers, log=print):
     finally:
         lab.pool.shutdown(cancel_futures=True)
     return json.loads(json.dumps(_finite(raw)))   # as when read back: int keys become strings, no NaN
-
-
-def choose_regime(cells, min_quality=0.8):
-    """The regime closest to the paper's. choice: the lowest mean task-vector cosine among regimes whose
-    runs stay grammatical (mean final quality >= min_quality; a hacked run is not a policy worth merging);
-    the demo's regime if none does."""
-    ok = {c: np.mean([v["cosine"] for v in per_seed.values()]) for c, per_seed in cells.items()
-          if np.mean([t[-1]["quality"] for v in per_seed.values() for t in v["trajectories"]]) >= min_quality}
-    return min(ok, key=ok.get) if ok else DEFAULT_CELL
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,6 +563,34 @@ def regime_values(raw, s):
     return out
 
 
+def front_at(raw, kl):
+    """(reward of the optimal front at kl, trusted there?) from the regime's theta_sft samples; (None, False) beyond."""
+    sft = raw["sft"][raw["regime"]]
+    curve = [{"kl": 0.0, "reward": sft["reward"], "trusted": True}] + raw["optimal_front"]
+    point = at(curve, kl)
+    trusted_kl = max([p["kl"] for p in curve if p["trusted"]])
+    return point, point is not None and kl <= trusted_kl
+
+
+def envelope_values(raw, s):
+    d, beta = raw["seeds"][s], RunConfig(**raw["preset"]["base"]).beta
+    warp_model = d["evals"]["liti 2"]
+    kl = warp_model["kl"]
+    best = {}
+    for name, traj in d["envelope"].items():       # a plain run at its best along its trajectory up to WARP's KL
+        reach = [p for p in traj if p["kl"] <= kl]
+        best[name] = max(p["reward"] for p in reach) if reach else None
+    envelope = max((v for v in best.values() if v is not None), default=None)
+    optimum, trusted = front_at(raw, kl)
+    demo = d["envelope"]["1x beta"]
+    return {"kl_warp": kl, "reward_warp": warp_model["reward"], "reward_plain_envelope": envelope,
+            "reward_plain_same_beta": best["1x beta"], "reward_plain_same_beta_end": demo[-1]["reward"],
+            "kl_plain_same_beta_end": demo[-1]["kl"], "reward_optimal_front": optimum,
+            "optimal_front_trusted": float(trusted), "gap_warp": diff(optimum, warp_model["reward"]),
+            "gap_plain_envelope": diff(optimum, envelope), **{f"plain[{k}]": v for k, v in best.items()},
+            "beta": beta}
+
+
 CLAIMS = [
     Claim(1, "EMA anchor vs SFT anchor",
           "At equal KL, EMA-anchored runs reach higher reward; beta = 0 reward-hacks (KL explodes); very large beta stalls.",
@@ -618,6 +674,17 @@ CLAIMS = [
           {"Spearman rank correlation(cosine, SLERP gain) < 0 across regimes":
                lambda v: lt(v["spearman_cosine_gain"], 0.0)},
           ("spearman_cosine_gain", "cosine[*", "gain[*")),
+    Claim(11, "Closer to the optimal front (ours)",
+          "WARP gets closer to the optimal KL-reward front than plain RL: after two iterations its model has a "
+          "higher reward than plain SFT-anchored RL at the same KL, whatever plain RL's beta (its envelope over "
+          "0.5, 1, 3 and 10 times the demo's beta, each run 2T steps, taken at its best up to WARP's KL).",
+          envelope_values,
+          {"WARP above plain RL's envelope over beta at equal KL":
+               lambda v: gt(v["reward_warp"], v["reward_plain_envelope"]),
+           "WARP above plain RL with the same beta and RL steps per run, at equal KL":
+               lambda v: gt(v["reward_warp"], v["reward_plain_same_beta"])},
+          ("kl_warp", "reward_warp", "reward_plain_envelope", "reward_plain_same_beta", "reward_optimal_front",
+           "gap_warp", "gap_plain_envelope")),
 ]
 
 
@@ -690,6 +757,17 @@ def _seeds(raw):
     return sorted(raw["seeds"], key=int)
 
 
+def _optimal_front(ax, raw):
+    """The optimal KL-reward front of the regime's theta_sft: solid where trusted, dotted where a lower bound."""
+    sft = raw["sft"][raw["regime"]]
+    rows = raw.get("optimal_front") or []
+    trusted = [{"kl": 0.0, "reward": sft["reward"]}] + [r for r in rows if r["trusted"]]
+    beyond = trusted[-1:] + [r for r in rows if not r["trusted"]]
+    ax.plot(*_xy(trusted), color="black", lw=1.5, label="optimal front: the best any method can do")
+    if len(beyond) > 1:
+        ax.plot(*_xy(beyond), color="black", lw=1.2, ls=":", label="optimal front, lower bound (too few samples)")
+
+
 def figure_anchors(raw, path):
     plt, fig, (ax,) = _axes(width=7.5)
     names = list(raw["seeds"][_seeds(raw)[0]]["anchors"])
@@ -700,6 +778,7 @@ def figure_anchors(raw, path):
                      else f"{name} (no KL term: either anchor)")
             ax.plot(*_xy(raw["seeds"][s]["anchors"][name]), color=color, marker=MARKERS[i], ms=3, lw=1,
                     label=label if i == 0 else None)
+    _optimal_front(ax, raw)
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set(xlabel="KL(pi || pi_sft)  [nats per completion; symlog]", ylabel="reward")
     _save(plt, fig, [ax], path, "Claim 1: RL trajectories by anchor and beta (markers: seeds; points every "
@@ -763,6 +842,7 @@ def figure_liti(raw, path):
         ax.plot(*_xy(d["evals"]["front 1"]), "-", marker=MARKERS[i], color=f"C{i}", label=f"LITI eta-front, seed {s}")
         for t in d["run trajectories"]:
             ax.plot(*_xy(t), ":", marker=MARKERS[i], ms=2, color=f"C{i}", lw=1)
+    _optimal_front(ax, raw)
     ax.set(xlabel="KL(pi || pi_sft)", ylabel="reward")
     _save(plt, fig, [ax], path, "Claim 6: LITI front (eta = " + ", ".join(f"{e:g}" for e in raw["preset"]["etas"])
           + ") vs the two runs' training trajectories (dotted)")
@@ -776,6 +856,7 @@ def figure_iterations(raw, path):
         for it in range(1, n + 1):
             ax.plot(*_xy(raw["seeds"][s]["evals"][f"front {it}"]), marker=MARKERS[i], ms=3, color=colors[it - 1],
                     label=f"iteration {it}" if i == 0 else None)
+    _optimal_front(ax, raw)
     ax.set(xlabel="KL(pi || pi_sft)", ylabel="reward")
     _save(plt, fig, [ax], path, "Claim 7: the LITI front of each iteration, from theta_sft (markers: seeds)")
 
@@ -817,12 +898,29 @@ def figure_regimes(raw, path):
             ax.plot(v[f"cosine[{c}]"], v[f"gain[{c}]"], MARKERS[i], color=f"C{j}", label=c if i == 0 else None)
     ax.axhline(0, color="black", lw=0.8)
     ax.set(xlabel="task-vector cosine of two independent runs", ylabel="SLERP(0.5) reward - better run's reward")
-    _save(plt, fig, [ax], path, f"Claim 10: when does merging help? (markers: seeds; chosen regime: {raw['regime']})")
+    _save(plt, fig, [ax], path, f"Claim 10: when does merging help? (markers: seeds; claims 1-9: {raw['regime']})")
+
+
+def figure_envelope(raw, path):
+    plt, fig, (ax,) = _axes(width=7.5)
+    names = list(raw["seeds"][_seeds(raw)[0]]["envelope"])
+    for i, s in enumerate(_seeds(raw)):
+        d = raw["seeds"][s]
+        for j, name in enumerate(names):
+            ax.plot(*_xy(d["envelope"][name]), "--", marker=MARKERS[i], ms=2, lw=1, color=f"C{j}", alpha=0.7,
+                    label=f"plain RL, SFT anchor, {name}" if i == 0 else None)
+        for it in (1, 2):
+            p = d["evals"][f"liti {it}"]
+            ax.plot(p["kl"], p["reward"], MARKERS[i], color="black" if it == 2 else "gray", ms=7,
+                    label=f"WARP after iteration {it}" if i == 0 else None)
+    _optimal_front(ax, raw)
+    ax.set(xlabel="KL(pi || pi_sft)  [nats per completion]", ylabel="reward")
+    _save(plt, fig, [ax], path, "Claim 11: WARP against plain RL at several beta (2T steps each), and the optimal front")
 
 
 FIGURES = {1: figure_anchors, 2: figure_cosine, 3: lambda raw, path: figure_lambda(raw, path, 3),
            4: lambda raw, path: figure_lambda(raw, path, 4), 5: figure_m, 6: figure_liti, 7: figure_iterations,
-           8: figure_knowledge, 9: figure_granularity, 10: figure_regimes}
+           8: figure_knowledge, 9: figure_granularity, 10: figure_regimes, 11: figure_envelope}
 
 
 def _fmt(x):
@@ -830,8 +928,10 @@ def _fmt(x):
 
 
 def markdown(claims, raw):
-    lines = [f"Regime of claims 1-9 (chosen by claim 10's experiment): **{raw['regime']}**; "
-             f"{len(raw['seeds'])} seeds; T = {raw['steps']} RL steps per run. Values: mean ± sd over seeds.", "",
+    cfg = RunConfig(**{**raw["preset"]["base"], **raw["preset"]["cells"][raw["regime"]]})
+    lines = [f"Regime of claims 1-9 and 11: **{raw['regime']}** (lr {cfg.lr:g}, {cfg.prompts_per_step * cfg.samples_per_prompt} "
+             f"sequences per step, beta {cfg.beta:g}, width {cfg.d_model}); {len(raw['seeds'])} seeds; T = {raw['steps']} "
+             f"RL steps per run. Values: mean ± sd over seeds.", "",
              "| # | claim (paper) | measured (mean ± sd over seeds) | checks (seeds where it holds) | verdict |",
              "|---|---|---|---|---|"]
     for c in claims:
@@ -873,14 +973,14 @@ def write_outputs(raw, out):
 
 def main(argv):
     parser = ArgumentParser(prog="python -m experiments.reproduce",
-                              description="Test each claim of the WARP paper on the toy task (see README, "
-                                          "'Does it reproduce?'). full: ~22 min on 2 CPU cores (2-3 min with "
-                                          "every run cached); quick: ~1.5 min.")
+                              description="Test each claim of the WARP paper on the toy task (docs/reproducing.md).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="full (the committed results/: demo-size model, T = 200, 3 seeds) or quick (the quick "
-                             "demo's model, T = 40: a smoke test whose verdicts mean little)")
-    parser.add_argument("--out", help="output directory (default: experiments/results/ for full, runs/reproduce-quick "
-                        "for quick)")
+                        help="full (the demo's regime, fixed by docs/regime-rule.md; experiments/results/), converged "
+                             "(the demo's settings before that rule, whose runs reach the reward ceiling; "
+                             "experiments/results/converged/) or quick (the quick demo's model: a smoke test whose "
+                             "verdicts mean little)")
+    parser.add_argument("--out", help="output directory (default: experiments/results/, experiments/results/converged/ "
+                        "or runs/reproduce-quick)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, one thread each (default 2)")
     parser.add_argument("--cache", default="runs/.reproduce-cache",
                         help="theta_sft and finished runs, reused by a rerun (default runs/.reproduce-cache)")
@@ -888,10 +988,12 @@ def main(argv):
         args = parser.parse_args(argv)
         if args.workers < 1:
             raise UsageError(f"--workers {args.workers}: must be at least 1")
-        out = args.out or (RESULTS if args.preset == "full" else "runs/reproduce-quick")
+        out = args.out or {"full": RESULTS, "converged": os.path.join(RESULTS, "converged")}.get(
+            args.preset, "runs/reproduce-quick")
         if os.path.exists(out) and not os.path.isdir(out):
             raise UsageError(f"--out {out}: exists and is not a directory")
-        if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "claims.json")):
+        if os.path.isdir(out) and [f for f in os.listdir(out) if f != "converged"] and \
+                not os.path.exists(os.path.join(out, "claims.json")):
             raise UsageError(f"--out {out}: a non-empty directory that holds no earlier reproduction (claims.json)")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ metrics.jsonl (see `plot_pareto`), so figures can be redrawn without re-running 
 """
 
 import json
+import math
 import os
 
 import torch
@@ -98,6 +99,83 @@ def table(rows):
     return "\n".join(lines), warp_final, (closest_kl(base, warp_final["kl"]) if base else None)
 
 
+def along(points, kl):
+    """(reward, se) at `kl` on the polyline through `points` sorted by KL, linearly interpolated; None outside."""
+    points = sorted(points, key=lambda r: r["kl"])
+    for a, b in zip(points, points[1:]):
+        if a["kl"] <= kl <= b["kl"]:
+            t = 0.0 if b["kl"] == a["kl"] else (kl - a["kl"]) / (b["kl"] - a["kl"])
+            return (a["reward"] + t * (b["reward"] - a["reward"]),
+                    math.hypot((1 - t) * a.get("reward_se", 0.0), t * b.get("reward_se", 0.0)))
+    return None
+
+
+def verdicts(rows):
+    """The demo's checks (issue 12), each as (statement, holds, numbers). A difference counts only if it is
+    larger than two standard errors of the evaluation, 2 * sqrt(se_a^2 + se_b^2): every model is scored on the
+    same 256 samples, so this is the noise of the comparison, not of the seed."""
+    evals = [r for r in rows if r["kind"] == "eval"]
+    iterations = sorted({r["iteration"] for r in evals if r["iteration"] > 0})
+    out = []
+
+    def above(name, a, b, a_name, b_name):
+        margin = 2 * math.hypot(a[1], b[1])
+        out.append((name, a[0] - b[0] > margin, f"{a_name} {a[0]:.3f} vs {b_name} {b[0]:.3f}: "
+                                                f"{a[0] - b[0]:+.3f}, two SE {margin:.3f}"))
+
+    for it in sorted({iterations[0], iterations[-1]}):
+        slerp = next(r for r in evals if r["iteration"] == it and "SLERP" in r["label"])
+        traj = [r for r in rows if r["kind"] == "trajectory" and r["iteration"] == it]
+        ends = [[r for r in traj if r["run"] == run][-1] for run in sorted({r["run"] for r in traj}, key=str)]
+        if ends:
+            best = max(ends, key=lambda r: r["reward"])
+            above(f"iteration {it}: SLERP above both runs", (slerp["reward"], slerp["reward_se"]),
+                  (best["reward"], best["reward_se"]), "SLERP", "the better run")
+    final = evals[-1]
+    plain = [evals[0]] + [r for r in rows if r["kind"] == "trajectory" and r.get("run") == "sft-anchor"]
+    if len(plain) > 1:
+        reachable = [r for r in plain if r["kl"] <= final["kl"]]
+        best = max(reachable, key=lambda r: r["reward"])
+        above("the final model above plain RL at equal KL", (final["reward"], final["reward_se"]),
+              (best["reward"], best["reward_se"]), f"WARP (KL {final['kl']:.2f})",
+              f"plain RL's best at KL <= {final['kl']:.2f} (step {best.get('step', 0)}, KL {best['kl']:.2f})")
+    fronts = {it: [r for r in rows if r["kind"] == "front" and r["iteration"] == it] for it in iterations}
+    if len(iterations) > 1 and fronts[iterations[0]] and fronts[iterations[-1]]:
+        first, last = fronts[iterations[0]], fronts[iterations[-1]]
+        kl_ref = min(max(r["kl"] for r in first), max(r["kl"] for r in last))
+        above(f"iteration {iterations[-1]}'s LITI front above iteration {iterations[0]}'s (at KL {kl_ref:.2f})",
+              along(last, kl_ref), along(first, kl_ref), f"iteration {iterations[-1]}", f"iteration {iterations[0]}")
+    if "quality" in final:
+        out.append(("the final model stays grammatical (quality >= 0.9)", final["quality"] >= 0.9,
+                    f"quality {final['quality']:.2f}"))
+    return out
+
+
+def distance_to_optimum(rows):
+    """Lines saying how far each key model is below the optimal front at its own KL (or that the front is
+    only a lower bound there): the room merging had, which a failed check is read against."""
+    best = [r for r in rows if r["kind"] == "optimal_front"]
+    if not best:
+        return []
+    sft = next(r for r in rows if r.get("label") == "theta_sft")
+    curve = [{"kl": 0.0, "reward": sft["reward"]}] + best
+    trusted_kl = max([r["kl"] for r in best if r["trusted"]], default=0.0)
+    lines = []
+    evals = [r for r in rows if r["kind"] == "eval" and r["iteration"] > 0]
+    traj = [r for r in rows if r["kind"] == "trajectory"]
+    picks = [(r["label"], r) for r in evals]
+    picks += [(f"plain RL, end (step {r['step']})", r) for r in traj if r.get("run") == "sft-anchor"][-1:]
+    for name, r in picks:
+        point = along(curve, r["kl"])
+        if point is None:
+            lines.append(f"- {name}: KL {r['kl']:.2f} is beyond the front's estimate")
+            continue
+        kind = "the optimum" if r["kl"] <= trusted_kl else "a lower bound on the optimum"
+        lines.append(f"- {name}: reward {r['reward']:.3f} at KL {r['kl']:.2f}; {kind} there {point[0]:.3f} "
+                     f"(gap {point[0] - r['reward']:+.3f})")
+    return lines
+
+
 @torch.no_grad()
 def completions(prompts, models, build, sample, seed):
     """The completions of `prompts` by each model, with the same sampling seed.
@@ -119,7 +197,13 @@ def summarize(cfg, rows, models, build, sample, eval_prompts, seed, log=print, n
     names = {"sft": "theta_sft", "plain": "plain RL (SFT anchor, end)", "warp": "WARP (final LITI model)"}
     models = {k: models[k] for k in names if k in models}   # fixed order: sft, plain, warp
     samples = completions(eval_prompts[:n], models, build, sample, seed)
-    text = [md, "", "Completions (same prompts, same sampling seed):", ""]
+    text = [md, "", "Checks (a difference counts when it exceeds two standard errors of the evaluation):", ""]
+    text += [f"- {'holds' if ok else 'does not hold'}: {name} — {numbers}" for name, ok, numbers in verdicts(rows)]
+    gaps = distance_to_optimum(rows)
+    if gaps:
+        text += ["", "Below the optimal KL-reward front (the best any policy can do for this reward at its KL):", ""]
+        text += gaps
+    text += ["", "Completions (same prompts, same sampling seed):", ""]
     for key, pairs in samples.items():
         for prompt, completion in pairs:
             text.append(f"- **{names[key]}** — `{prompt}` → {completion}")

@@ -275,12 +275,8 @@ def run(cfg, task, log=print, resume=False):
 
 
 @torch.no_grad()
-def optimal_front_rows(cfg, task, sft_model, n, device, log=print, min_ess=10):
-    """The optimal KL-reward front of this reward (toy_tasks/optimal_front.py): n completions of theta_sft per
-    evaluation prompt, weighted by exp(r / beta). Rows {"kind": "optimal_front", beta, reward, kl, trusted, ...}:
-    trusted where the effective sample size is >= min_ess for 90% of the prompts; beyond, a lower bound.
-    choice: min_ess = 10 (measured on the toy: KL ~5% and reward ~3% low at the last trusted point)."""
-    t0 = time.time()
+def sample_sft(cfg, task, sft_model, n, device):
+    """n completions of theta_sft for each evaluation prompt: (rewards, quality or None), each (prompts, n)."""
     prompts = task.eval_prompts(cfg.eval_prompts)
     gen = torch.Generator(device=device).manual_seed(W.run_seed(cfg.seed, -4, 0))
     per_call = max(1, 1024 // n)                                   # ~1024 sequences per sampling call
@@ -291,14 +287,23 @@ def optimal_front_rows(cfg, task, sft_model, n, device, log=print, min_ess=10):
         rewards.append(task.reward(batch, texts).double().view(-1, n))
         if task.quality is not None:
             quality.append(task.quality(batch, texts, finished).double().view(-1, n))
-    rewards = torch.cat(rewards)
+    return torch.cat(rewards), (torch.cat(quality) if quality else None)
+
+
+def optimal_front_rows(cfg, task, sft_model, n, device, log=print, min_ess=10):
+    """The optimal KL-reward front of this reward (toy_tasks/optimal_front.py): n completions of theta_sft per
+    evaluation prompt, weighted by exp(r / beta). Rows {"kind": "optimal_front", beta, reward, kl, trusted, ...}:
+    trusted where the effective sample size is >= min_ess for 90% of the prompts; beyond, a lower bound.
+    choice: min_ess = 10 (measured on the toy: KL ~5% and reward ~3% low at the last trusted point)."""
+    t0 = time.time()
+    rewards, quality = sample_sft(cfg, task, sft_model, n, device)
     last = optimal_front.last_trusted_beta(rewards, min_ess)
     betas = optimal_front.beta_grid(rewards, num=10, min_ess=min_ess)          # trusted, from KL 0.05 down
     betas += torch.logspace(math.log10(last), math.log10(last / 5), 7, dtype=torch.float64).tolist()[1:]
     rows = []
     for point in optimal_front.front_from_rewards(rewards, betas, min_ess):
-        if quality:
-            point["quality"] = optimal_front.tilted_mean(torch.cat(quality), rewards, point["beta"])
+        if quality is not None:
+            point["quality"] = optimal_front.tilted_mean(quality, rewards, point["beta"])
         rows.append({"kind": "optimal_front", "samples": n, **point})
     trusted = [r for r in rows if r["trusted"]]
     log(f"optimal front: {n} samples of theta_sft per prompt ({time.time() - t0:.0f}s); trusted up to KL "

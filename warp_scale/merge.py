@@ -71,6 +71,7 @@ import concurrent.futures
 import ctypes
 import json
 import math
+import mmap
 import os
 import queue
 import re
@@ -108,6 +109,23 @@ BLOCK_ELEMS = 1 << 19
 MAX_GROUP_BYTES = 2 << 30                    # cap of --max-group-mb auto (raw bytes held)
 WRITE_QUEUE_BLOCKS = 16                      # merged blocks waiting for the writer thread
 PROGRESS_EVERY_S = 2.0
+# view() needs madvise (Python >= 3.8, not on Windows); MADV_POPULATE_READ is Linux >= 5.14 (value
+# from <linux/mman.h>; the mmap module does not name it): without it pages fault in on first touch.
+_CAN_MAP = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+
+
+def _populate(mm, pos, nbytes):
+    """Map the pages of [pos, pos + nbytes) now, in one call rather than a page fault every 16
+    pages on first touch; when they are not cached, that is one read of the whole range."""
+    global MADV_POPULATE_READ
+    if MADV_POPULATE_READ is None:
+        return
+    lo = pos - pos % mmap.PAGESIZE
+    try:
+        mm.madvise(MADV_POPULATE_READ, lo, pos + nbytes - lo)
+    except OSError:                          # EINVAL before Linux 5.14: fault pages in on touch
+        MADV_POPULATE_READ = None
 
 
 class CheckpointError(Exception):
@@ -156,7 +174,7 @@ class Checkpoint:
     """Lazy view of one checkpoint: names, dtypes, shapes and shard layout; data read on demand."""
 
     def __init__(self, path):
-        self.path, self._fds = path, {}
+        self.path, self._fds, self._maps, self._lock = path, {}, {}, threading.Lock()
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: no such file or directory")
         self.index = None
@@ -236,27 +254,69 @@ class Checkpoint:
         step = max(1, block_elems // max(math.prod(shape[1:]), 1))
         return [(start, min(step, shape[0] - start)) for start in range(0, shape[0], step)]
 
+    def _byte_range(self, name, start, rows):
+        info = self.tensors[name]
+        shape = info.shape or (1,)                       # scalars: one row of one element
+        rows = shape[0] - start if rows is None else rows
+        row_bytes = math.prod(shape[1:]) * DTYPE_BYTES[info.dtype]
+        return info, rows, info.offset + start * row_bytes, rows * row_bytes
+
+    def view(self, name, start=0, rows=None):
+        """Rows [start, start + rows) of a tensor, as a tensor over the file's pages: no copy.
+
+        Why not read(): a pread copies every byte into a fresh buffer, and the merge reads each
+        input twice -- with the inputs in the page cache those copies cost more than the arithmetic
+        (see `_profile`). Here the file is memory-mapped (copy-on-write: nothing can reach the file)
+        and the block's pages are mapped in one madvise(MADV_POPULATE_READ) -- from the page cache,
+        or read from disk. Mapped pages count in the RSS (the reason read() exists): the merge calls
+        release() as soon as a block is consumed, so the RSS holds a few blocks, as with pread.
+        (A file truncated by someone else while the merge runs is then a SIGBUS, not an error line.)
+        """
+        info, rows, pos, nbytes = self._byte_range(name, start, rows)
+        if nbytes == 0 or not _CAN_MAP:
+            return self.read(name, start, rows)
+        mm = self._map(info.file)
+        _populate(mm, pos, nbytes)
+        flat = torch.frombuffer(mm, dtype=TORCH_DTYPES[info.dtype],
+                                count=nbytes // DTYPE_BYTES[info.dtype], offset=pos)
+        return flat.reshape((rows,) + info.shape[1:] if info.shape else ())
+
+    def release(self, name, start=0, rows=None):
+        """Unmap the pages of a view() (MADV_DONTNEED: they leave the RSS, stay in the page cache).
+
+        Harmless for a neighbouring block sharing an edge page: its next touch maps it again."""
+        info, rows, pos, nbytes = self._byte_range(name, start, rows)
+        mm = self._maps.get(info.file)
+        if mm is not None and nbytes:
+            lo = pos - pos % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, lo, min(pos + nbytes, len(mm)) - lo)
+
+    def _map(self, file):
+        with self._lock:                                  # worker threads share the checkpoint
+            if file not in self._maps:
+                self._maps[file] = mmap.mmap(self._fd_locked(file), 0, access=mmap.ACCESS_COPY)
+            return self._maps[file]
+
     def read(self, name, start=0, rows=None):
         """Rows [start, start + rows) of a tensor, as a new tensor in its stored dtype.
 
         Read with pread into a fresh buffer rather than through safe_open's tensors: those are
         zero-copy views of a memory map, and every page touched stays in the process's RSS until
         the file is closed -- a whole-model "leak" for a streaming merge. pread is positional, so
-        worker threads can share the file descriptor.
+        worker threads can share the file descriptor. The merge itself uses view() + release() (the
+        same map, its pages given back block by block); read() serves the tensors copied as they
+        are, the search for a non-finite input, and systems without madvise.
         """
-        info = self.tensors[name]
-        shape = info.shape or (1,)
-        rows = shape[0] - start if rows is None else rows
-        row_bytes = math.prod(shape[1:]) * DTYPE_BYTES[info.dtype]
-        buf = torch.empty(rows * row_bytes, dtype=torch.uint8)
-        view, pos = memoryview(buf.numpy()), info.offset + start * row_bytes
+        info, rows, pos, nbytes = self._byte_range(name, start, rows)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
         while len(view):
             n = os.preadv(self._fd(info.file), [view], pos)
             if n <= 0:
                 raise CheckpointError(f"{os.path.join(self.root, info.file)}: truncated while "
                                       f"reading tensor {name}")
             view, pos = view[n:], pos + n
-        return buf.view(TORCH_DTYPES[info.dtype]).reshape((rows,) + shape[1:] if info.shape else ())
+        return buf.view(TORCH_DTYPES[info.dtype]).reshape((rows,) + info.shape[1:] if info.shape else ())
 
     def blocks(self, name, block_elems=BLOCK_ELEMS):
         """Yield the tensor as consecutive row blocks of at most ~block_elems elements."""
@@ -264,14 +324,23 @@ class Checkpoint:
             yield self.read(name, start, rows)
 
     def _fd(self, file):
+        with self._lock:
+            return self._fd_locked(file)
+
+    def _fd_locked(self, file):
         if file not in self._fds:
             self._fds[file] = os.open(os.path.join(self.root, file), os.O_RDONLY)
         return self._fds[file]
 
     def close(self):
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:        # a view is still alive: unmapped when it is collected
+                pass
         for fd in self._fds.values():
             os.close(fd)
-        self._fds = {}
+        self._fds, self._maps = {}, {}
 
     def __del__(self):
         self.close()
@@ -523,6 +592,182 @@ def _print_report(report, max_rows=40):
 
 
 # ----------------------------------------------------------------------------------------------
+# Block kernels: warp_min.tensor_gram and warp_min.combine for the merge's blocks, cheaper.
+# ----------------------------------------------------------------------------------------------
+
+# choice: sub-blocks of 2^16 elements. The fp32 working copies of one sub-block (init, M deltas,
+# the output: (M + 2) x 256 KB) stay in the 2 MB L2 cache of this machine, and each sub-block
+# costs ~10 torch calls of a few us (Python time, holding the GIL).
+SUB_ELEMS = 1 << 16
+# choice: fp32 dot products over chunks of GRAM_CHUNK elements, summed in float64 (error bound in
+# block_gram). Shorter is more precise, but below 128 torch's bmm leaves MKL for a slow loop.
+GRAM_CHUNK = 256
+# A task vector whose mean square per element is below this (RMS ~1e-15) may lose fp32 products
+# to underflow: block_gram hands its block to the float64 reference.
+GRAM_FLOOR = 2.0 ** -100
+NARROW = (torch.bfloat16, torch.float16)     # 16-bit inputs: exact in fp32, Gram in fp32 chunks
+
+
+class _Profile:
+    """Seconds per stage of the merge, summed over threads (merge_checkpoints(profile=True)).
+
+    The kernels call `t = prof.lap(stage, t)` after each group of torch calls; _NO_PROFILE's
+    methods do nothing, so the timing costs a no-op call when profiling is off."""
+
+    def __init__(self):
+        self.seconds, self._lock = collections.Counter(), threading.Lock()
+
+    @staticmethod
+    def now():
+        return time.perf_counter()
+
+    def lap(self, stage, t0):
+        t = time.perf_counter()
+        with self._lock:
+            self.seconds[stage] += t - t0
+        return t
+
+
+class _NoProfile:
+    @staticmethod
+    def now():
+        return None
+
+    @staticmethod
+    def lap(stage, t0):
+        return None
+
+
+_NO_PROFILE = _NoProfile()
+
+
+class _Work:
+    """Work buffers for one sub-block: init (base), the M deltas, the output (acc)."""
+
+    def __init__(self, M, dtype):
+        self.base, self.acc = torch.empty(SUB_ELEMS, dtype=dtype), torch.empty(SUB_ELEMS, dtype=dtype)
+        self.deltas = torch.empty(M, SUB_ELEMS, dtype=dtype)
+
+
+class _Scratch(threading.local):
+    """Per-thread work buffers, allocated once (fresh ones would be fresh pages, faulted in and
+    zeroed for every block)."""
+
+    def get(self, M, dtype):
+        if not hasattr(self, "work"):
+            self.work = {}
+        if (M, dtype) not in self.work:
+            self.work[M, dtype] = _Work(M, dtype)
+        return self.work[M, dtype]
+
+
+_scratch = _Scratch()
+
+
+def _widen_deltas(w, theta, pols, s, e, prof, t):
+    """Copies of init[s:e] (w.base) and of the deltas policy_m[s:e] - init[s:e] (w.deltas) in the
+    work dtype. bf16/f16 -> fp32 is exact; so is the subtraction for bf16 unless the exponents of
+    the two operands differ by more than 16 (the difference then needs more than 24 bits); fp32
+    -> float64 likewise, unless they differ by more than 29."""
+    base = w.base[:e - s].copy_(theta[s:e])
+    for m, p in enumerate(pols):
+        w.deltas[m, :e - s].copy_(p[s:e])
+    t = prof.lap("widen", t)
+    deltas = w.deltas[:, :e - s].sub_(base)                # one call for all M (broadcast)
+    return base, deltas, prof.lap("delta", t)
+
+
+def block_gram(init, policies, prof=_NO_PROFILE):
+    """G[a, b] = <delta_a, delta_b> of one block's task vectors, in float64: the value of
+    warp_min.tensor_gram (the reference: used as is for float64 inputs, and as the fallback), at
+    a fraction of its cost -- it widens every input to float64, which moves 4x the bytes of bf16.
+
+    Here the inputs are widened a sub-block at a time (cache-resident), and
+    - bf16/f16 inputs: the deltas formed in fp32 (exact, see _widen_deltas), their products summed
+      in fp32 over chunks of b = GRAM_CHUNK elements (one bmm per sub-block), the chunk sums
+      accumulated in float64;
+    - fp32 inputs: tensor_gram's own arithmetic (deltas, products and sums in float64), only
+      cache-blocked.
+
+    Error bound. u = 2^-24 (fp32), u' = 2^-53 (float64), gamma_k = k u / (1 - k u), gamma'_k the
+    same with u'; S_ab = sum_i |delta_a,i delta_b,i| <= |delta_a| |delta_b| (Cauchy-Schwarz).
+    (1) A delta in the work dtype is fl(p - theta) = delta (1 + e), |e| <= u (resp. u'); e = 0
+        unless the exponents of p and theta differ by more than 16 (resp. 29).
+    (2) bf16/f16: an fp32 dot product of b terms, in any summation order, with or without FMA, is
+        within gamma_b sum |x_i y_i| of the exact value (Higham, Accuracy and Stability of
+        Numerical Algorithms, 2nd ed., sec. 3.1); with (1): (1 + u)^2 (1 + gamma_b) <= 1 +
+        gamma_{b+2}. IEEE gradual underflow adds at most 2^-150 per operation: n 2^-149 in all.
+    (3) The float64 sums -- chunk sums (or products) into a sub-block, then sub-blocks, blocks and
+        tensors into the group, L terms deep at most -- add gamma'_L times the magnitudes summed.
+    Hence, for the Gram Ĝ of a group of n elements, with L <= GRAM_CHUNK (resp. SUB_ELEMS) + the
+    number of sub-blocks in the group (gamma'_L < 1e-10 up to 10^12 elements):
+        bf16/f16: |Ĝ_ab - G_ab| <= (gamma_{b+2} + gamma'_L (1 + gamma_{b+2})) S_ab + n 2^-149
+                                   ~= 1.54e-5 S_ab + n 2^-149            (b = 256)
+        fp32:     |Ĝ_ab - G_ab| <= gamma'_{L+3} S_ab                     (as tensor_gram)
+    The absolute term only matters for tiny task vectors: a block whose fp32 Gram is not finite
+    (overflow: |delta| above ~1e19) or holds a task vector with mean square below GRAM_FLOOR per
+    element (there n 2^-149 could exceed 2^-49 |delta_a| |delta_b|) -- unless that task vector is
+    exactly zero, whose products are exact zeros -- is recomputed by the reference.
+    For the merge (16-bit inputs): cos(Omega) moves by at most ~2 x 1.54e-5, and the SLERP
+    coefficients by as much times |dc/dcos|, which is O(1) except for nearly opposite task
+    vectors: ~1e-5 relative, far below a bf16 ulp (2^-8 = 3.9e-3). tests/test_merge_gram.py
+    checks the bound and the merged outputs on adversarial inputs.
+    """
+    narrow = init.dtype in NARROW
+    if not (narrow or init.dtype == torch.float32):
+        return warp_min.tensor_gram(init, policies)
+    M, theta, pols = len(policies), init.reshape(-1), [p.reshape(-1) for p in policies]
+    n, w = theta.numel(), _scratch.get(M, torch.float32 if narrow else torch.float64)
+    gram = torch.zeros(M, M, dtype=torch.float64)
+    t = prof.now()
+    for s in range(0, n, SUB_ELEMS):
+        e = min(s + SUB_ELEMS, n)
+        _, deltas, t = _widen_deltas(w, theta, pols, s, e, prof, t)
+        if narrow:
+            k = -(-(e - s) // GRAM_CHUNK)
+            if k * GRAM_CHUNK > e - s:                      # pad the last chunk with exact zeros
+                w.deltas[:, e - s:k * GRAM_CHUNK].zero_()
+            chunks = w.deltas[:, :k * GRAM_CHUNK].view(M, k, GRAM_CHUNK).transpose(0, 1)
+            gram += torch.bmm(chunks, chunks.transpose(1, 2)).sum(0, dtype=torch.float64)
+        else:
+            gram += deltas @ deltas.T
+        t = prof.lap("gram", t)
+    diag = gram.diagonal().tolist()
+    if not all(map(math.isfinite, gram.reshape(-1).tolist())) or (narrow and any(
+            0 < d < n * GRAM_FLOOR or (d == 0 and not torch.equal(p, init))
+            for d, p in zip(diag, policies))):
+        gram = warp_min.tensor_gram(init, policies)          # rare: see the bound above
+        prof.lap("gram (float64 fallback)", t)
+    return gram
+
+
+def block_combine(init, policies, coefficients, prof=_NO_PROFILE):
+    """theta_init + sum_m c_m delta_m for one block, in its dtype: bit for bit warp_min.combine
+    (the same fp32 operations in the same order: widen, subtract, add with alpha c_m, round once
+    to the output dtype), a sub-block at a time in per-thread buffers instead of 3 + 2M fresh
+    block-sized temporaries. float64 inputs go to warp_min.combine itself."""
+    if not (init.dtype in NARROW or init.dtype == torch.float32):
+        return warp_min.combine(init, policies, coefficients)
+    theta, pols = init.reshape(-1), [p.reshape(-1) for p in policies]
+    out = torch.empty(init.shape, dtype=init.dtype)
+    flat_out, cs = out.reshape(-1), coefficients.tolist()
+    n, w = theta.numel(), _scratch.get(len(policies), torch.float32)
+    t = prof.now()
+    for s in range(0, n, SUB_ELEMS):
+        e = min(s + SUB_ELEMS, n)
+        base, deltas, t = _widen_deltas(w, theta, pols, s, e, prof, t)
+        acc = flat_out[s:e] if init.dtype == torch.float32 else w.acc[:e - s]
+        torch.add(base, deltas[0], alpha=cs[0], out=acc)
+        for m in range(1, len(cs)):
+            acc.add_(deltas[m], alpha=cs[m])
+        t = prof.lap("combine", t)
+        if init.dtype != torch.float32:
+            flat_out[s:e].copy_(acc)                         # fp32 -> bf16/f16: the one rounding
+            t = prof.lap("narrow", t)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # The merge.
 # ----------------------------------------------------------------------------------------------
 
@@ -552,8 +797,9 @@ def _validate_values(n_policies, lam, eta, granularity, method, allow_extrapolat
 
 
 def _all_finite(tensor):
-    """min and max propagate nan and +-inf: one fast reduction instead of isfinite's mask."""
-    if tensor.numel() == 0:
+    """A sum is finite only if every term is: one cheap reduction. If it is not (a nan/inf, or a
+    sum that overflowed), min and max -- which propagate nan and +-inf -- decide."""
+    if tensor.numel() == 0 or math.isfinite(float(tensor.sum())):
         return True
     lo, hi = torch.aminmax(tensor)
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
@@ -622,28 +868,40 @@ def _find_nonfinite(checkpoints, name, block_elems):
     return None
 
 
-def _group_grams(inputs, names, granularity, block_elems, workers, prog, cache=None):
+def _group_grams(inputs, names, granularity, block_elems, workers, prog, cache=None,
+                 prof=_NO_PROFILE):
     """{group: float64 Gram matrix of its task vectors} over the tensors `names`, block by block.
 
     Sums in a fixed order -- each tensor's blocks in order from zero, then the tensors into their
     group in the order of `names` -- so the result does not depend on the number of threads, nor
-    on whether it is pass 1 or the loading of a held group. With `cache` (a dict), the raw blocks
-    read are kept there, cache[name] = [[init block, policy blocks...] per block], for pass 2.
+    on whether it is pass 1 or the loading of a held group. With `cache` (a dict), the blocks
+    read are kept there (mapped, not released), cache[name] = [[init block, policy blocks...] per
+    block], for pass 2.
     """
     M = len(inputs) - 1
 
-    def block_gram(job):
+    def gram_job(job):
         name, start, rows = job
-        blocks = [ck.read(name, start, rows) for ck in inputs]
-        gram, nbytes = warp_min.tensor_gram(blocks[0], blocks[1:]), sum(b.nbytes for b in blocks)
-        return name, (blocks if cache is not None else None), gram, nbytes
+        t = prof.now()
+        blocks = [ck.view(name, start, rows) for ck in inputs]
+        prof.lap("read", t)
+        gram = block_gram(blocks[0], blocks[1:], prof)
+        nbytes = sum(b.nbytes for b in blocks)
+        if cache is None:
+            t = prof.now()
+            del blocks
+            for ck in inputs:
+                ck.release(name, start, rows)
+            prof.lap("release", t)
+            blocks = None
+        return name, blocks, gram, nbytes
 
     cuts = {n: inputs[0].block_rows(n, block_elems) for n in names}
     jobs = [(n, start, rows) for n in names for start, rows in cuts[n]]
     grams = {warp_min.group_of(n, granularity): torch.zeros(M, M, dtype=torch.float64) for n in names}
     tensor_grams = {n: torch.zeros(M, M, dtype=torch.float64) for n in names}
     blocks_left = {n: len(cuts[n]) for n in names}
-    for name, blocks, gram, nbytes in workers.map(block_gram, jobs):   # fixed order
+    for name, blocks, gram, nbytes in workers.map(gram_job, jobs):     # fixed order
         tensor_grams[name] += gram
         if cache is not None:
             cache.setdefault(name, []).append(blocks)
@@ -689,7 +947,7 @@ def _plan_held_groups(init_ck, mergeable, granularity, M, budget):
 
 
 def _write_merged(tmp, single, inputs, coefs, copied, granularity, eta, block_elems, workers, prog,
-                  load_group):
+                  load_group, prof=_NO_PROFILE):
     """Pass 2: every shard of the init: init + sum_m c_m delta_m, then LITI. Returns bytes written.
 
     Blocks of held groups come from the cache load_group(g) fills (returned: {name: blocks});
@@ -699,22 +957,32 @@ def _write_merged(tmp, single, inputs, coefs, copied, granularity, eta, block_el
 
     def merged_block(job):
         name, start, rows, last, blocks = job
+        t = prof.now()
         if name in copied:                                  # choice: non-float buffers copied
             block = init_ck.read(name, start, rows)
+            prof.lap("read", t)
             return block, block.nbytes * (M + 2), last
         if blocks is None:
-            blocks = [ck.read(name, start, rows) for ck in inputs]
+            blocks = [ck.view(name, start, rows) for ck in inputs]
+            t = prof.lap("read", t)
         coefficients = coefs[warp_min.group_of(name, granularity)]
         if eta is not None:
             # LITI folded into the coefficients: (1 - eta) init + eta (init + sum c delta)
             # = init + sum (eta c) delta -- the same map as warp_min.liti(init, merged, eta), with
             # one rounding to the output dtype instead of two (bf16 merged, then bf16 LITI).
             coefficients = eta * coefficients
-        merged = warp_min.combine(blocks[0], blocks[1:], coefficients)
+        merged = block_combine(blocks[0], blocks[1:], coefficients, prof)
+        t = prof.now()
         if not _all_finite(merged):
             raise CheckpointError(f"tensor {name}: the merge produced {int((~torch.isfinite(merged)).sum())} "
                                   f"non-finite values (overflow in {init_ck.tensors[name].dtype}?)")
-        return merged, merged.nbytes + sum(b.nbytes for b in blocks), last
+        t = prof.lap("finite check", t)
+        nbytes = merged.nbytes + sum(b.nbytes for b in blocks)
+        del blocks
+        for ck in inputs:
+            ck.release(name, start, rows)
+        prof.lap("release", t)
+        return merged, nbytes, last
 
     def jobs(file_names):
         for n in file_names:
@@ -728,7 +996,7 @@ def _write_merged(tmp, single, inputs, coefs, copied, granularity, eta, block_el
             for i, (start, rows) in enumerate(cuts):
                 yield n, start, rows, i == len(cuts) - 1, None if held is None else held[i]
 
-    with _BackgroundWrites() as background:
+    with _BackgroundWrites(prof) as background:
         for file, file_names in init_ck.files_in_order().items():
             path = tmp if single else os.path.join(tmp, file)
             writer = ShardWriter(path, [init_ck.tensors[n] for n in file_names], init_ck.metadata)
@@ -746,8 +1014,8 @@ class _BackgroundWrites:
     much CPU as the merge arithmetic here, and fsync waits on the disk: neither stalls the
     workers. Leaving the `with` waits for every write; the first error is raised in the caller."""
 
-    def __init__(self):
-        self.queue, self.error = queue.Queue(WRITE_QUEUE_BLOCKS), None
+    def __init__(self, prof=_NO_PROFILE):
+        self.queue, self.error, self.prof = queue.Queue(WRITE_QUEUE_BLOCKS), None, prof
         self.thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
         self.thread.start()
 
@@ -756,7 +1024,9 @@ class _BackgroundWrites:
             fn, args = item
             if self.error is None:                      # after an error: drain, do nothing
                 try:
+                    t = self.prof.now()
                     fn(*args)
+                    self.prof.lap(f"writer thread: {getattr(fn, '__name__', 'call')}", t)
                 except BaseException as e:              # noqa: BLE001 -- re-raised by the caller
                     self.error = e
 
@@ -781,7 +1051,7 @@ class _BackgroundWrites:
 
 def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="layer", method="slerp",
                       dry_run=False, overwrite=False, progress=True, allow_extrapolation=False,
-                      block_elems=BLOCK_ELEMS, workers=None, max_group_mb=0):
+                      block_elems=BLOCK_ELEMS, workers=None, max_group_mb=0, profile=False):
     """Merge checkpoints on disk: out = init + sum_m c_m (policy_m - init) per group, then LITI.
 
     init, policies: paths (HF directories or .safetensors files); out: path to create.
@@ -791,7 +1061,9 @@ def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="laye
     max_group_mb: memory (MiB) for groups read once and held between their Gram and their write
     (raw bytes of all inputs); other groups are streamed in two passes. 0 (default) streams
     everything; "auto" = min(2 GiB, what keeps peak memory under 2 x the largest tensor in
-    float64). The output is the same bytes either way.
+    float64). The output is the same bytes either way. profile: time each stage of the block
+    pipeline (reads, widening to fp32, deltas, Gram, combine, narrowing, writes...), summed over
+    threads, into report["profile_s"] (experiments/bench/merge.py --profile prints it).
     Returns the merge report (also written as merge_report.json).
     """
     # choice: parallelism across blocks (Python threads, each running torch single-threaded),
@@ -807,7 +1079,7 @@ def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="laye
     try:
         return _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_run,
                                   overwrite, progress, allow_extrapolation, block_elems, pool,
-                                  max_group_mb, opened)
+                                  max_group_mb, opened, _Profile() if profile else _NO_PROFILE)
     finally:
         pool.close()
         torch.set_num_threads(previous_threads)
@@ -816,7 +1088,8 @@ def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="laye
 
 
 def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_run, overwrite,
-                       progress, allow_extrapolation, block_elems, workers, max_group_mb, opened):
+                       progress, allow_extrapolation, block_elems, workers, max_group_mb, opened,
+                       prof):
     t0 = time.perf_counter()
     out = out.rstrip(os.sep) or out
     _validate_values(len(policies), lam, eta, granularity, method, allow_extrapolation)
@@ -894,7 +1167,8 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
     if streamed:
         prog = Progress("pass 1/2 (angles of streamed groups)", len(streamed),
                         (M + 1) * streamed_bytes, progress)
-        set_coefficients(_group_grams(inputs, streamed, granularity, block_elems, workers, prog))
+        set_coefficients(_group_grams(inputs, streamed, granularity, block_elems, workers, prog,
+                                      prof=prof))
         t_pass1 = prog.done()
 
     # Pass 2: write init + sum_m c_m delta_m (then LITI) into a hidden temporary beside --out.
@@ -912,11 +1186,11 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
         def load_group(g):                              # a held group: read once, Gram, keep blocks
             cache = {}
             set_coefficients(_group_grams(inputs, groups[g], granularity, block_elems, workers,
-                                          prog, cache))
+                                          prog, cache, prof))
             return cache
 
         written = _write_merged(tmp, single, inputs, coefs, set(copied), granularity, eta,
-                                block_elems, workers, prog, load_group)
+                                block_elems, workers, prog, load_group, prof)
         t_pass2 = prog.done()
         group_entries = {g: group_entries[g] for g in groups}    # report in model order
         n_fallbacks = sum(fallback_counts.values())
@@ -952,6 +1226,8 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
         report["timings"] = {"validate_s": t_validated - t0, "pass1_s": t_pass1, "pass2_s": t_pass2,
                              "total_s": time.perf_counter() - t0}
         report["peak_rss_mb"] = _peak_rss_mb()
+        if isinstance(prof, _Profile):
+            report["profile_s"] = dict(prof.seconds.most_common())
         if not single:
             _write_json(os.path.join(tmp, "merge_report.json"), report)
             _fsync_path(tmp)
