@@ -19,7 +19,6 @@ Writes the figure, and the numbers as JSON next to it.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 
