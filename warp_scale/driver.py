@@ -206,12 +206,11 @@ def run(cfg, task, log=print, resume=False):
         theta_sft = distributed.share_state(theta_sft, 0, template, device)
     sft_model = build(theta_sft)
     models = {"sft": theta_sft}
-    if not saved and lead:
+    if not saved and lead:   # (under torchrun the other ranks are training: rank 0 keeps to its share of cores)
         emit({"kind": "eval", "label": "theta_sft", "iteration": 0, **W.evaluate(sft_model, sft_model, task, cfg, device)})
         if cfg.front_samples:
-            with all_cores():
-                for row in optimal_front_rows(cfg, task, sft_model, cfg.front_samples, device, log):
-                    emit(row)
+            for row in optimal_front_rows(cfg, task, sft_model, cfg.front_samples, device, log):
+                emit(row)
     theta_init = saved_states.get("theta_init", theta_sft)     # fp32 from here on, whatever the policy dtype
     for it in range(saved.get("iteration", 1), cfg.iterations + 1):
         log(f"iteration {it}/{cfg.iterations}: {cfg.runs} RL runs of {cfg.steps} steps from theta_init")
