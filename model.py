@@ -343,6 +343,7 @@ def completion_logprobs(model, tokens, prompt_len, mask, temperature=1.0):
     logits = model(tokens[:, :-1]).float() / temperature                  # (B, T-1, V)
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)            # (B, T-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)                        # (B, T-1)
+    with torch.no_grad():                 # a diagnostic (logged): the loss never differentiates it
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                    # (B, T-1)
     m = mask[:, 1:]
     return logp * m, entropy * m
