@@ -241,8 +241,8 @@ def run(cfg, task, log=print, resume=False):
                 theta_next = W.liti(theta_init, theta_slerp, cfg.eta)
                 W.measure_iteration(cfg, task, build, it, theta_init, theta_sft, policies, theta_slerp, theta_next,
                                     sft_model, log, emit)
-        if world_size > 1:
-            theta_next = distributed.share_state(theta_next, 0, theta_init, device)
+        if world_size > 1 and it < cfg.iterations:   # (after the last one only rank 0 needs it: the others
+            theta_next = distributed.share_state(theta_next, 0, theta_init, device)   # go on to the baseline)
         theta_init = theta_next             # next iteration's init
         checkpoint(it + 1, [])
     if lead:
