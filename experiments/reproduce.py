@@ -54,7 +54,8 @@ from warp_scale.driver import train_run
 # "quick" is a 1.5-minute smoke test of the same code.
 # ----------------------------------------------------------------------------------------------
 
-CONVERGED = dict(lr=3e-4, prompts_per_step=2, beta=0.1, steps=200, eval_every=50)   # the demo before the rule
+CONVERGED = dict(lr=3e-4, prompts_per_step=2, beta=0.1, steps=200, eval_every=50,   # the demo before the rule
+                 n_layer=4, d_model=128, head_dim=32, d_ff=512)
 CONVERGED_CELLS = {   # claim 10's regimes: one factor at a time around those settings
     "batch 4": dict(prompts_per_step=1),
     "batch 8": dict(),                                        # 2 prompts x 4 samples per step
