@@ -13,17 +13,24 @@ Design (why the merge never holds a model in memory):
 
 - Listing and validation use `safe_open` (names, dtypes, shapes, header and file-size checks)
   without loading data. Data is then read in blocks -- runs of whole rows, ~`block_elems`
-  elements -- with pread at the offsets in the safetensors header. (safe_open's tensors are
-  zero-copy views of a memory map: every page touched stays in the RSS until the file is closed,
-  which for a streaming merge means the whole model.)
+  elements -- as views of a memory map at the offsets in the safetensors header (Checkpoint.view):
+  no copy, the kernels' first touch is the read. A block's pages are mapped in one madvise,
+  the next 64 MB are asked for ahead (inputs on disk), and the pages are unmapped as soon as the
+  block is consumed (Checkpoint.release). (safe_open's tensors are views of a memory map too, but
+  every page touched stays in the RSS until the file is closed: for a streaming merge, the whole
+  model.)
 - Pass 1 reads each tensor of the M + 1 inputs block by block and adds the block's Gram matrix
-  G[a, b] = <delta_a, delta_b> (tensor_gram, float64) into its group's. Gram matrices are additive
-  over disjoint pieces of the task vectors, so the per-group Gram -- and from it every angle and
-  norm SLERP needs, for any M (merge_coefficients) -- comes out exact without ever concatenating
-  a group into one vector. A non-finite input makes its tensor's Gram non-finite, so the check is
-  free; the offending input is then named by re-reading that one tensor. Pass 1 writes nothing.
+  G[a, b] = <delta_a, delta_b> into its group's: block_gram, the value of tensor_gram at a
+  fraction of its cost (float64 for fp32 inputs; for bf16/f16, fp32 dot products over 256
+  elements summed in float64, within a proven 1.54e-5 sum |delta_a delta_b|, see its docstring and
+  tests/test_merge_gram.py). Gram matrices are additive over disjoint pieces of the task vectors,
+  so the per-group Gram -- and from it every angle and norm SLERP needs, for any M
+  (merge_coefficients) -- comes out without ever concatenating a group into one vector. A
+  non-finite input makes its tensor's Gram non-finite, so the check is free; the offending input
+  is then named by re-reading that one tensor. Pass 1 writes nothing.
 - Coefficients: one small M-vector c_g per group, from G_g alone.
-- Pass 2 reads the same blocks again, computes theta_init + sum_m c_m delta_m (combine) -- with
+- Pass 2 reads the same blocks again, computes theta_init + sum_m c_m delta_m (block_combine: bit
+  for bit warp_min.combine, a cache-sized sub-block at a time) -- with
   LITI, (1 - eta) theta_init + eta theta_merged = theta_init + sum_m (eta c_m) delta_m, the same
   map as `liti` folded into the coefficients (one rounding to bf16, not two) -- and appends
   it to the output shard (whose safetensors header was written first: names, dtypes and shapes
@@ -33,22 +40,27 @@ Design (why the merge never holds a model in memory):
   blocks (same code, same summation order as pass 1), coefficients, then combine from memory --
   and pass 1 skips it. Bigger groups (and whatever does not fit alongside the groups still being
   written) are streamed as above, so granularity "model" normally streams. The output is
-  byte-identical either way. It halves the bytes read, which pays when the inputs come from disk;
-  with the inputs in the page cache a read is a memory copy, and holding cost about as much as it
-  saved (fresh pages for the held blocks), hence off by default; "auto" sizes it to stay under
-  2 x the largest tensor in float64.
-- Peak memory is a few blocks per worker -- M + 1 input blocks, their float32/float64 working
-  copies, the output block -- plus up to WRITE_QUEUE_BLOCKS merged blocks waiting to be written
-  (and the held groups, if asked for): independent of model size and of the largest tensor
-  (~100 MB on top of the ~225 MB of a Python process with torch imported).
+  byte-identical either way. Held blocks are the mapped pages themselves, not copies: holding
+  costs RSS (file-backed, up to the budget), not time. It reads the inputs once, which pays when
+  the page cache cannot keep them between the passes (a model larger than RAM; simulated with
+  bench/merge.py --cold --evict-between-passes: 20-35% faster); otherwise the second pass
+  re-reads memory and holding saves 0-12%. Off by default (the RSS: ~620 MB instead of ~310 MB
+  on the bench); "auto" sizes it to stay under 2 x the largest tensor in float64.
+- Peak memory is a few blocks per worker -- the mapped pages of M + 1 input blocks, the worker's
+  sub-block work buffers, the output block -- plus up to WRITE_QUEUE_BLOCKS merged blocks waiting
+  to be written (and the held groups, if asked for): independent of model size and of the
+  largest tensor (~100 MB on top of the ~225 MB of a Python process with torch imported).
 - Speed: blocks are processed by a few threads (each running torch single-threaded; torch
   releases the GIL), results consumed in a fixed order, so the sums -- and the output -- do not
-  depend on the number of threads. Writes and each shard's fsync run on their own thread,
-  overlapping the arithmetic. glibc is told to keep freed memory (see _retain_freed_memory).
-  With the inputs in the page cache the merge is bound by the arithmetic (and memory bandwidth:
-  a second worker gains ~1.3x, not 2x): profiled single-threaded, per block the float64 Gram
-  (bf16 -> float64 copies, M subtractions, a matmul) takes ~50% of the time, combine ~35%, the
-  preads of all inputs ~15%; writing the output costs about as much as one read pass.
+  depend on the number of threads. Writes run on their own thread and each shard's fsync on
+  another, overlapping the arithmetic. glibc is told to keep freed memory (see
+  _retain_freed_memory). Inside a block the kernels work a sub-block (SUB_ELEMS) at a time in
+  per-thread buffers that stay in the L2 cache. With the inputs in the page cache the merge is
+  bound by memory traffic: the first touch of the mapped inputs (widening bf16 -> fp32) is ~35-40%
+  of the CPU time of a single-threaded profile (bench/merge.py --profile), writing 8-20%, the
+  deltas, the Gram and the combine ~10% each. The merge's I/O alone -- two read passes and the
+  write, no arithmetic -- costs 1.4-1.9x a plain read + write of the same bytes on the bench, the
+  merge 2.1-2.4x (4.5x in the same runs before the block kernels and the mapped reads).
 - Crash safety: the output is written into a hidden temporary directory (or file) beside --out,
   every file is fsync'ed, and only a complete output is renamed into place (with --overwrite the
   old output is moved aside first and deleted afterwards). A killed merge leaves either no --out
@@ -102,13 +114,16 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                 "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 MERGEABLE = {"F64", "F32", "F16", "BF16"}   # choice: integer/bool buffers are copied from init
-# choice: 2^19 elements per streamed block (2 MB of fp32). Each block costs ~20 torch calls whose
-# Python overhead holds the GIL, so small blocks serialize the workers; big ones leave the cache.
-# bench/merge.py (2 workers): 2^17 4.6 s, 2^18 3.4 s, 2^19 3.0-3.2 s, 2^20 2.9-3.0 s, 2^21 3.5 s.
-BLOCK_ELEMS = 1 << 19
+# choice: 2^20 elements per streamed block (a worker's job; the arithmetic goes a sub-block of
+# SUB_ELEMS at a time). A block costs a few madvise calls and some Python bookkeeping; a big one
+# leaves the cache before it is written. bench/merge.py, one worker, against 2^20 in the same run:
+# 2^18 +30%, 2^19 +10%, 2^21 +15-35%.
+BLOCK_ELEMS = 1 << 20
 MAX_GROUP_BYTES = 2 << 30                    # cap of --max-group-mb auto (raw bytes held)
 WRITE_QUEUE_BLOCKS = 16                      # merged blocks waiting for the writer thread
 PROGRESS_EVERY_S = 2.0
+# choice: read ahead 64 MB per input file (bench/merge.py with the inputs on disk: see _read_ahead)
+READ_AHEAD_BYTES = 64 << 20
 # view() needs madvise (Python >= 3.8, not on Windows); MADV_POPULATE_READ is Linux >= 5.14 (value
 # from <linux/mman.h>; the mmap module does not name it): without it pages fault in on first touch.
 _CAN_MAP = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
@@ -174,7 +189,8 @@ class Checkpoint:
     """Lazy view of one checkpoint: names, dtypes, shapes and shard layout; data read on demand."""
 
     def __init__(self, path):
-        self.path, self._fds, self._maps, self._lock = path, {}, {}, threading.Lock()
+        self.path, self._fds, self._maps, self._ahead = path, {}, {}, {}
+        self._lock = threading.Lock()
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: no such file or directory")
         self.index = None
@@ -265,17 +281,19 @@ class Checkpoint:
         """Rows [start, start + rows) of a tensor, as a tensor over the file's pages: no copy.
 
         Why not read(): a pread copies every byte into a fresh buffer, and the merge reads each
-        input twice -- with the inputs in the page cache those copies cost more than the arithmetic
-        (see `_profile`). Here the file is memory-mapped (copy-on-write: nothing can reach the file)
-        and the block's pages are mapped in one madvise(MADV_POPULATE_READ) -- from the page cache,
-        or read from disk. Mapped pages count in the RSS (the reason read() exists): the merge calls
-        release() as soon as a block is consumed, so the RSS holds a few blocks, as with pread.
-        (A file truncated by someone else while the merge runs is then a SIGBUS, not an error line.)
+        input twice; with the inputs in the page cache, the kernels' first touch of the mapped
+        pages is all the reading there is (bench/merge.py --profile: "read" + "widen"). The file
+        is memory-mapped (copy-on-write: nothing can reach the file) and the block's pages are
+        mapped in one madvise(MADV_POPULATE_READ) -- from the page cache, or read from disk.
+        Mapped pages count in the RSS (the reason read() exists): the merge calls release() as
+        soon as a block is consumed, so the RSS holds a few blocks, as with pread. (A file
+        truncated by someone else while the merge runs is then a SIGBUS, not an error line.)
         """
         info, rows, pos, nbytes = self._byte_range(name, start, rows)
         if nbytes == 0 or not _CAN_MAP:
             return self.read(name, start, rows)
         mm = self._map(info.file)
+        self._read_ahead(info.file, mm, pos, nbytes)
         _populate(mm, pos, nbytes)
         flat = torch.frombuffer(mm, dtype=TORCH_DTYPES[info.dtype],
                                 count=nbytes // DTYPE_BYTES[info.dtype], offset=pos)
@@ -290,6 +308,22 @@ class Checkpoint:
         if mm is not None and nbytes:
             lo = pos - pos % mmap.PAGESIZE
             mm.madvise(mmap.MADV_DONTNEED, lo, min(pos + nbytes, len(mm)) - lo)
+
+    def _read_ahead(self, file, mm, pos, nbytes):
+        """Ask the kernel to read READ_AHEAD_BYTES past this block (MADV_WILLNEED: asynchronous,
+        ~free on cached pages). Page faults read a file synchronously, a window at a time: with
+        the inputs on disk, the merge would otherwise wait for every window in turn, where read()
+        overlaps its kernel readahead with the arithmetic."""
+        with self._lock:
+            lo, hi = self._ahead.get(file, (0, 0))
+            if lo <= pos and pos + nbytes + READ_AHEAD_BYTES // 2 <= hi:
+                return                                    # well inside the window requested
+            start = hi if lo <= pos < hi else pos
+            self._ahead[file] = (pos, pos + nbytes + READ_AHEAD_BYTES)
+        lo = start - start % mmap.PAGESIZE
+        end = min(pos + nbytes + READ_AHEAD_BYTES, len(mm))
+        if end > lo:
+            mm.madvise(mmap.MADV_WILLNEED, lo, end - lo)
 
     def _map(self, file):
         with self._lock:                                  # worker threads share the checkpoint
@@ -316,7 +350,8 @@ class Checkpoint:
                 raise CheckpointError(f"{os.path.join(self.root, info.file)}: truncated while "
                                       f"reading tensor {name}")
             view, pos = view[n:], pos + n
-        return buf.view(TORCH_DTYPES[info.dtype]).reshape((rows,) + info.shape[1:] if info.shape else ())
+        shape = (rows,) + info.shape[1:] if info.shape else ()
+        return buf.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
     def blocks(self, name, block_elems=BLOCK_ELEMS):
         """Yield the tensor as consecutive row blocks of at most ~block_elems elements."""
@@ -413,9 +448,17 @@ class ShardWriter:
         self.written += data.nbytes
 
     def close(self):
+        self.finish()
+        self.sync()
+
+    def finish(self):
+        """Check every byte arrived; hand the rest to the page cache."""
         if self.written != self.expected:
             raise RuntimeError(f"{self.path}: wrote {self.written} bytes, expected {self.expected}")
         self.file.flush()
+
+    def sync(self):
+        """fsync (wait for the disk) and close."""
         os.fsync(self.file.fileno())
         self.file.close()
 
@@ -609,22 +652,26 @@ NARROW = (torch.bfloat16, torch.float16)     # 16-bit inputs: exact in fp32, Gra
 
 
 class _Profile:
-    """Seconds per stage of the merge, summed over threads (merge_checkpoints(profile=True)).
+    """Seconds per stage of the merge, summed over threads (merge_checkpoints(profile=True)):
+    wall time, and the thread's CPU time -- on a shared core a thread's wall time also counts
+    the others' turns, its CPU time does not (waits on the disk show in wall time only).
 
     The kernels call `t = prof.lap(stage, t)` after each group of torch calls; _NO_PROFILE's
     methods do nothing, so the timing costs a no-op call when profiling is off."""
 
     def __init__(self):
-        self.seconds, self._lock = collections.Counter(), threading.Lock()
+        self.seconds, self.cpu_seconds = collections.Counter(), collections.Counter()
+        self._lock = threading.Lock()
 
     @staticmethod
     def now():
-        return time.perf_counter()
+        return time.perf_counter(), time.thread_time()
 
     def lap(self, stage, t0):
-        t = time.perf_counter()
+        t = self.now()
         with self._lock:
-            self.seconds[stage] += t - t0
+            self.seconds[stage] += t[0] - t0[0]
+            self.cpu_seconds[stage] += t[1] - t0[1]
         return t
 
 
@@ -642,11 +689,28 @@ _NO_PROFILE = _NoProfile()
 
 
 class _Work:
-    """Work buffers for one sub-block: init (base), the M deltas, the output (acc)."""
+    """One thread's work buffers for a sub-block: X = [init, policy_1 .. policy_M] widened (the
+    policies' rows become their deltas in place) and the output, with the views the kernels use
+    on a full sub-block made once (each view costs a torch call)."""
 
     def __init__(self, M, dtype):
-        self.base, self.acc = torch.empty(SUB_ELEMS, dtype=dtype), torch.empty(SUB_ELEMS, dtype=dtype)
-        self.deltas = torch.empty(M, SUB_ELEMS, dtype=dtype)
+        self.X = torch.empty(M + 1, SUB_ELEMS, dtype=dtype)
+        self.acc = torch.empty(SUB_ELEMS, dtype=dtype)
+        self.full = self._views(SUB_ELEMS)
+
+    def _views(self, length):
+        """(X, its rows, the delta rows X[1:], chunk views of X[1:] for the bmm, acc) on the first
+        `length` elements; a sub-block shorter than the chunks it spans is padded with zeros."""
+        k = -(-length // GRAM_CHUNK)
+        padded = self.X[1:, :k * GRAM_CHUNK]
+        chunks = padded.view(len(padded), k, GRAM_CHUNK).transpose(0, 1)      # (k, M, b)
+        if k * GRAM_CHUNK > length:
+            padded[:, length:].zero_()
+        X = self.X[:, :length]
+        return X, list(X), X[1:], chunks, chunks.transpose(1, 2), self.acc[:length]
+
+    def views(self, length):
+        return self.full if length == SUB_ELEMS else self._views(length)
 
 
 class _Scratch(threading.local):
@@ -664,17 +728,16 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def _widen_deltas(w, theta, pols, s, e, prof, t):
-    """Copies of init[s:e] (w.base) and of the deltas policy_m[s:e] - init[s:e] (w.deltas) in the
-    work dtype. bf16/f16 -> fp32 is exact; so is the subtraction for bf16 unless the exponents of
-    the two operands differ by more than 16 (the difference then needs more than 24 bits); fp32
-    -> float64 likewise, unless they differ by more than 29."""
-    base = w.base[:e - s].copy_(theta[s:e])
-    for m, p in enumerate(pols):
-        w.deltas[m, :e - s].copy_(p[s:e])
-    t = prof.lap("widen", t)
-    deltas = w.deltas[:, :e - s].sub_(base)                # one call for all M (broadcast)
-    return base, deltas, prof.lap("delta", t)
+def _sub_blocks(init, policies, work_dtype, prof):
+    """Yield the sub-blocks of a block widened to the work dtype: (the _Work views, index, time).
+    bf16 and f16 -> fp32 is exact, and so is fp32 -> float64."""
+    w = _scratch.get(len(policies), work_dtype)
+    for i, pieces in enumerate(zip(*(x.reshape(-1).split(SUB_ELEMS) for x in [init, *policies]))):
+        t = prof.now()
+        views = w.views(pieces[0].numel())
+        for row, piece in zip(views[1], pieces):
+            row.copy_(piece)
+        yield views, i, prof.lap("widen", t)
 
 
 def block_gram(init, policies, prof=_NO_PROFILE):
@@ -683,9 +746,10 @@ def block_gram(init, policies, prof=_NO_PROFILE):
     a fraction of its cost -- it widens every input to float64, which moves 4x the bytes of bf16.
 
     Here the inputs are widened a sub-block at a time (cache-resident), and
-    - bf16/f16 inputs: the deltas formed in fp32 (exact, see _widen_deltas), their products summed
-      in fp32 over chunks of b = GRAM_CHUNK elements (one bmm per sub-block), the chunk sums
-      accumulated in float64;
+    - bf16/f16 inputs: the deltas formed in fp32 -- exact for bf16 unless the exponents of the two
+      operands differ by more than 16 (the difference then needs more than 24 bits) -- their
+      products summed in fp32 over chunks of b = GRAM_CHUNK elements (one bmm per sub-block), the
+      chunk sums of the block summed in float64 (one call);
     - fp32 inputs: tensor_gram's own arithmetic (deltas, products and sums in float64), only
       cache-blocked.
 
@@ -696,11 +760,12 @@ def block_gram(init, policies, prof=_NO_PROFILE):
     (2) bf16/f16: an fp32 dot product of b terms, in any summation order, with or without FMA, is
         within gamma_b sum |x_i y_i| of the exact value (Higham, Accuracy and Stability of
         Numerical Algorithms, 2nd ed., sec. 3.1); with (1): (1 + u)^2 (1 + gamma_b) <= 1 +
-        gamma_{b+2}. IEEE gradual underflow adds at most 2^-150 per operation: n 2^-149 in all.
-    (3) The float64 sums -- chunk sums (or products) into a sub-block, then sub-blocks, blocks and
-        tensors into the group, L terms deep at most -- add gamma'_L times the magnitudes summed.
-    Hence, for the Gram Ĝ of a group of n elements, with L <= GRAM_CHUNK (resp. SUB_ELEMS) + the
-    number of sub-blocks in the group (gamma'_L < 1e-10 up to 10^12 elements):
+        gamma_{b+2}. IEEE gradual underflow adds at most 2^-150 per operation (2b - 1 of them
+        per chunk, zero padding adds nothing): at most n 2^-149 in all.
+    (3) The float64 sums -- the chunk sums (or products) of a block, then the blocks and tensors
+        into the group, L terms deep at most -- add gamma'_L times the magnitudes summed.
+    Hence, for the Gram Ĝ of a group of n elements, with L <= n / GRAM_CHUNK (resp. n) + the
+    number of blocks and tensors in the group -- gamma'_L < 2e-7 up to 10^9 elements:
         bf16/f16: |Ĝ_ab - G_ab| <= (gamma_{b+2} + gamma'_L (1 + gamma_{b+2})) S_ab + n 2^-149
                                    ~= 1.54e-5 S_ab + n 2^-149            (b = 256)
         fp32:     |Ĝ_ab - G_ab| <= gamma'_{L+3} S_ab                     (as tensor_gram)
@@ -716,26 +781,25 @@ def block_gram(init, policies, prof=_NO_PROFILE):
     narrow = init.dtype in NARROW
     if not (narrow or init.dtype == torch.float32):
         return warp_min.tensor_gram(init, policies)
-    M, theta, pols = len(policies), init.reshape(-1), [p.reshape(-1) for p in policies]
-    n, w = theta.numel(), _scratch.get(M, torch.float32 if narrow else torch.float64)
-    gram = torch.zeros(M, M, dtype=torch.float64)
-    t = prof.now()
-    for s in range(0, n, SUB_ELEMS):
-        e = min(s + SUB_ELEMS, n)
-        _, deltas, t = _widen_deltas(w, theta, pols, s, e, prof, t)
+    M, n_subs = len(policies), -(-init.numel() // SUB_ELEMS)
+    # the fp32 chunk sums (resp. float64 sub-block Grams) of the whole block, summed at the end
+    partials = torch.zeros(n_subs, SUB_ELEMS // GRAM_CHUNK if narrow else 1, M, M,
+                           dtype=torch.float32 if narrow else torch.float64)
+    for (X, rows, deltas, chunks, chunks_t, _), i, t in _sub_blocks(
+            init, policies, torch.float32 if narrow else torch.float64, prof):
+        deltas.sub_(rows[0])                                # one call for all M (broadcast)
+        t = prof.lap("delta", t)
         if narrow:
-            k = -(-(e - s) // GRAM_CHUNK)
-            if k * GRAM_CHUNK > e - s:                      # pad the last chunk with exact zeros
-                w.deltas[:, e - s:k * GRAM_CHUNK].zero_()
-            chunks = w.deltas[:, :k * GRAM_CHUNK].view(M, k, GRAM_CHUNK).transpose(0, 1)
-            gram += torch.bmm(chunks, chunks.transpose(1, 2)).sum(0, dtype=torch.float64)
+            torch.bmm(chunks, chunks_t, out=partials[i, :len(chunks)])
         else:
-            gram += deltas @ deltas.T
+            torch.mm(deltas, deltas.T, out=partials[i, 0])
         t = prof.lap("gram", t)
-    diag = gram.diagonal().tolist()
-    if not all(map(math.isfinite, gram.reshape(-1).tolist())) or (narrow and any(
-            0 < d < n * GRAM_FLOOR or (d == 0 and not torch.equal(p, init))
-            for d, p in zip(diag, policies))):
+    t = prof.now()
+    gram = partials.sum((0, 1), dtype=torch.float64)
+    t = prof.lap("gram", t)
+    if not torch.isfinite(gram).all() or (narrow and any(
+            0 < d < init.numel() * GRAM_FLOOR or (d == 0 and not torch.equal(p, init))
+            for d, p in zip(gram.diagonal().tolist(), policies))):
         gram = warp_min.tensor_gram(init, policies)          # rare: see the bound above
         prof.lap("gram (float64 fallback)", t)
     return gram
@@ -745,26 +809,37 @@ def block_combine(init, policies, coefficients, prof=_NO_PROFILE):
     """theta_init + sum_m c_m delta_m for one block, in its dtype: bit for bit warp_min.combine
     (the same fp32 operations in the same order: widen, subtract, add with alpha c_m, round once
     to the output dtype), a sub-block at a time in per-thread buffers instead of 3 + 2M fresh
-    block-sized temporaries. float64 inputs go to warp_min.combine itself."""
+    block-sized temporaries; float64 inputs go to warp_min.combine itself. Returns (output,
+    whether it is all finite) -- checked a sub-block at a time, while in cache."""
     if not (init.dtype in NARROW or init.dtype == torch.float32):
-        return warp_min.combine(init, policies, coefficients)
-    theta, pols = init.reshape(-1), [p.reshape(-1) for p in policies]
-    out = torch.empty(init.shape, dtype=init.dtype)
-    flat_out, cs = out.reshape(-1), coefficients.tolist()
-    n, w = theta.numel(), _scratch.get(len(policies), torch.float32)
-    t = prof.now()
-    for s in range(0, n, SUB_ELEMS):
-        e = min(s + SUB_ELEMS, n)
-        base, deltas, t = _widen_deltas(w, theta, pols, s, e, prof, t)
-        acc = flat_out[s:e] if init.dtype == torch.float32 else w.acc[:e - s]
-        torch.add(base, deltas[0], alpha=cs[0], out=acc)
-        for m in range(1, len(cs)):
-            acc.add_(deltas[m], alpha=cs[m])
+        out = warp_min.combine(init, policies, coefficients)
+        return out, _all_finite(out)
+    out, finite, cs = torch.empty(init.shape, dtype=init.dtype), True, coefficients.tolist()
+    pieces = out.reshape(-1).split(SUB_ELEMS)
+    for (X, rows, deltas, _, _, acc), i, t in _sub_blocks(init, policies, torch.float32, prof):
+        if init.dtype == torch.float32:
+            acc = pieces[i]                                 # fp32 out: no rounding left to do
+        deltas.sub_(rows[0])
+        t = prof.lap("delta", t)
+        torch.add(rows[0], deltas[0], alpha=cs[0], out=acc)
+        for c, row in zip(cs[1:], rows[2:]):
+            acc.add_(row, alpha=c)
         t = prof.lap("combine", t)
-        if init.dtype != torch.float32:
-            flat_out[s:e].copy_(acc)                         # fp32 -> bf16/f16: the one rounding
+        if acc is not pieces[i]:
+            pieces[i].copy_(acc)                            # fp32 -> bf16/f16: the one rounding
             t = prof.lap("narrow", t)
-    return out
+        finite = finite and _piece_finite(pieces[i], acc)
+        prof.lap("finite check", t)
+    return out, finite
+
+
+def _piece_finite(piece, acc):
+    """Is `piece` (= `acc`, fp32, narrowed to the output dtype) all finite? sum acc^2 is finite
+    unless some |acc_i| exceeds ~1.8e19 or is not finite: then, and for f16 (which overflows at
+    65504), the output itself is checked. A dot product is the cheapest full reduction here."""
+    if piece.dtype != torch.float16 and math.isfinite(float(torch.dot(acc, acc))):
+        return True
+    return _all_finite(piece)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -971,12 +1046,11 @@ def _write_merged(tmp, single, inputs, coefs, copied, granularity, eta, block_el
             # = init + sum (eta c) delta -- the same map as warp_min.liti(init, merged, eta), with
             # one rounding to the output dtype instead of two (bf16 merged, then bf16 LITI).
             coefficients = eta * coefficients
-        merged = block_combine(blocks[0], blocks[1:], coefficients, prof)
-        t = prof.now()
-        if not _all_finite(merged):
+        merged, finite = block_combine(blocks[0], blocks[1:], coefficients, prof)
+        if not finite:
             raise CheckpointError(f"tensor {name}: the merge produced {int((~torch.isfinite(merged)).sum())} "
                                   f"non-finite values (overflow in {init_ck.tensors[name].dtype}?)")
-        t = prof.lap("finite check", t)
+        t = prof.now()
         nbytes = merged.nbytes + sum(b.nbytes for b in blocks)
         del blocks
         for ck in inputs:
@@ -1003,19 +1077,23 @@ def _write_merged(tmp, single, inputs, coefs, copied, granularity, eta, block_el
             for block, nbytes, last in workers.map(merged_block, jobs(file_names)):
                 background.put(writer.write, block)         # in header order
                 prog.update(tensors=int(last), nbytes=nbytes)
-            background.put(writer.close)
+            background.close_shard(writer)
             written += writer.expected
     return written
 
 
 class _BackgroundWrites:
-    """Runs writes (and the fsync of each closed shard) on one thread, in order, while the caller
-    goes on merging; at most WRITE_QUEUE_BLOCKS blocks wait. Writing to the page cache costs as
-    much CPU as the merge arithmetic here, and fsync waits on the disk: neither stalls the
-    workers. Leaving the `with` waits for every write; the first error is raised in the caller."""
+    """Runs writes on one thread, in order, while the caller goes on merging; at most
+    WRITE_QUEUE_BLOCKS blocks wait. Writing to the page cache costs about a third of the
+    arithmetic: on a second core it does not stall the workers. The fsync of each finished shard
+    runs on a third thread: it waits for the disk (~0.1 s per 250 MB shard), which would
+    otherwise stop the writes, then fill the queue and stall the workers. Leaving the `with`
+    waits for every write and fsync; the first error is raised in the caller."""
 
     def __init__(self, prof=_NO_PROFILE):
         self.queue, self.error, self.prof = queue.Queue(WRITE_QUEUE_BLOCKS), None, prof
+        self.syncs = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-fsync")
+        self.synced = []
         self.thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
         self.thread.start()
 
@@ -1035,6 +1113,19 @@ class _BackgroundWrites:
         self._check()
         self.queue.put((fn, args))
 
+    def close_shard(self, writer):
+        """After the shard's last write: finish it, then fsync it on the fsync thread."""
+        self.put(writer.finish)
+        self.put(self._sync_later, writer)
+
+    def _sync_later(self, writer):
+        self.synced.append(self.syncs.submit(self._timed_sync, writer))
+
+    def _timed_sync(self, writer):
+        t = self.prof.now()
+        writer.sync()
+        self.prof.lap("fsync thread: fsync", t)
+
     def _check(self):
         if self.error is not None:
             raise self.error
@@ -1045,6 +1136,10 @@ class _BackgroundWrites:
     def __exit__(self, *exc):
         self.queue.put(None)
         self.thread.join()
+        self.syncs.shutdown(wait=True)
+        for future in self.synced:
+            if self.error is None and future.exception() is not None:
+                self.error = future.exception()
         if exc[0] is None:
             self._check()
 
@@ -1063,7 +1158,8 @@ def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="laye
     everything; "auto" = min(2 GiB, what keeps peak memory under 2 x the largest tensor in
     float64). The output is the same bytes either way. profile: time each stage of the block
     pipeline (reads, widening to fp32, deltas, Gram, combine, narrowing, writes...), summed over
-    threads, into report["profile_s"] (experiments/bench/merge.py --profile prints it).
+    threads, into report["profile_s"] (wall) and report["profile_cpu_s"] (thread CPU time);
+    experiments/bench/merge.py --profile prints them.
     Returns the merge report (also written as merge_report.json).
     """
     # choice: parallelism across blocks (Python threads, each running torch single-threaded),
@@ -1117,10 +1213,10 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
     largest = max((init_ck.tensors[n] for n in names), key=lambda t: t.numel)
     block = min(block_elems, max(largest.numel, 1))
     itemsize = max(DTYPE_BYTES[init_ck.tensors[n].dtype] for n in names)
-    # per busy worker: M + 1 input blocks, combine's float32 base/out/temporaries, tensor_gram's
-    # float64 base + M deltas + a temporary; plus finished output blocks: up to 2 * workers in
-    # flight and WRITE_QUEUE_BLOCKS waiting for the writer thread
-    est_peak = (workers.n * block * ((M + 1) * itemsize + 4 * 4 + 8 * (M + 2))
+    # per busy worker: the mapped pages of M + 1 input blocks and its sub-block work buffers
+    # (_Work: M + 2 rows, fp32 -- and float64 for the Gram of fp32 inputs); plus finished output
+    # blocks: up to 2 * workers in flight and WRITE_QUEUE_BLOCKS waiting for the writer thread
+    est_peak = (workers.n * (block * (M + 1) * itemsize + (M + 2) * SUB_ELEMS * (4 + 8))
                 + (2 * workers.n + WRITE_QUEUE_BLOCKS) * block * itemsize)
     # Held groups: their raw blocks stay in memory between the Gram and the write. The default
     # budget keeps buffers + held bytes under 2 x the largest tensor in float64 (the memory goal).
@@ -1228,6 +1324,7 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
         report["peak_rss_mb"] = _peak_rss_mb()
         if isinstance(prof, _Profile):
             report["profile_s"] = dict(prof.seconds.most_common())
+            report["profile_cpu_s"] = dict(prof.cpu_seconds.most_common())
         if not single:
             _write_json(os.path.join(tmp, "merge_report.json"), report)
             _fsync_path(tmp)
