@@ -143,8 +143,14 @@ def verdicts(rows):
     if len(iterations) > 1 and fronts[iterations[0]] and fronts[iterations[-1]]:
         first, last = fronts[iterations[0]], fronts[iterations[-1]]
         kl_ref = min(max(r["kl"] for r in first), max(r["kl"] for r in last))
-        above(f"iteration {iterations[-1]}'s LITI front above iteration {iterations[0]}'s (at KL {kl_ref:.2f})",
-              along(last, kl_ref), along(first, kl_ref), f"iteration {iterations[-1]}", f"iteration {iterations[0]}")
+        name = f"iteration {iterations[-1]}'s LITI front above iteration {iterations[0]}'s"
+        a, b = along(last, kl_ref), along(first, kl_ref)
+        if a is None or b is None:  # the two fronts do not share a KL: nothing to compare
+            lo = max(min(r["kl"] for r in first), min(r["kl"] for r in last))
+            out.append((name, False, f"the fronts share no KL (their ranges meet only above {lo:.2f} "
+                                     f"and end by {kl_ref:.2f})"))
+        else:
+            above(f"{name} (at KL {kl_ref:.2f})", a, b, f"iteration {iterations[-1]}", f"iteration {iterations[0]}")
     if "quality" in final:
         out.append(("the final model stays grammatical (quality >= 0.9)", final["quality"] >= 0.9,
                     f"quality {final['quality']:.2f}"))

@@ -130,7 +130,7 @@ def main():
                    "--chat-template", "--out", out, "--iterations", "1", "--runs", "2", "--steps", str(args.steps),
                    "--prompts-per-step", "2", "--samples-per-prompt", "4", "--max-new-tokens", "32",
                    "--eval-prompts", "8", "--eval-samples", "1", "--eval-every", "0", "--log-every", "1",
-                   "--etas", "0,1", "--lr", "1e-6", "--no-baseline", "--threads", str(args.threads)]
+                   "--etas", "0,1", "--lr", "1e-6", "--no-baseline", "--front-samples", "0", "--threads", str(args.threads)]
         t0 = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - t0
