@@ -10,12 +10,12 @@ workers there are), merges in the main process, and evaluations back in the work
 scored on the same prompts with the same random numbers. A run is cached on disk under its full
 description, so an interrupted reproduction continues where it stopped.
 
-  phase 1  claim 10: two runs per (regime, seed) for seven regimes around the preset's (batch size, width,
-           run length, lr); the optimal KL-reward front of each theta_sft
-  phase 2  in the preset's regime ("full": the demo's, chosen by the rule of docs/regime-rule.md before any
-           verdict was seen; "converged": the demo's settings before that rule, whose runs reach the reward
-           ceiling): two more runs (M = 4), the anchor/beta runs of claim 1, plain RL at several beta
-           (claim 11's envelope), iteration 2
+  phase 1  claim 10: two runs per (regime, seed) for the regimes around the preset's, one factor changed at a
+           time (width, batch size, beta, run length, lr); the optimal KL-reward front of the preset's theta_sft
+  phase 2  in the preset's regime ("full": the one the rule of docs/regime-rule.md chose before any verdict
+           was seen -- the demo's settings at width 256; "converged": the demo's settings before that rule,
+           whose runs reach the reward ceiling): two more runs (M = 4), the anchor/beta runs of claim 1,
+           plain RL at several beta (claim 11's envelope), iteration 2
   phase 3+ iterations 3..I of the WARP loop (claim 7)
 
 Then `CLAIMS` turns the numbers into one verdict per claim. Each claim's rule is code next to its
@@ -67,17 +67,20 @@ CONVERGED_CELLS = {   # claim 10's regimes: one factor at a time around those se
 }
 
 
-def cells_around(base):
-    """Claim 10's regimes around the demo's settings `base`: the demo's own, and one factor changed at a time."""
-    cfg = RunConfig(**base)
-    return {"demo": dict(), "4x batch": dict(prompts_per_step=4 * cfg.prompts_per_step),
-            "width 64": dict(d_model=64, head_dim=16, d_ff=256), "width 256": dict(d_model=256, head_dim=64, d_ff=1024),
-            "T / 2": dict(steps=cfg.steps // 2, eval_every=max(1, cfg.steps // 8)), "3x lr": dict(lr=3 * cfg.lr),
-            "10x lr": dict(lr=10 * cfg.lr)}
+# The reproduction's regime: what docs/regime-rule.md's rule chose (the demo's settings at width 256), and
+# claim 10's regimes around it, one factor at a time -- among them the demo itself (width 128).
+RULE = dict(CLI_PRESETS["default"], d_model=256, head_dim=64, d_ff=1024)
+RULE_CELLS = {
+    "rule": dict(),                                           # width 256, lr 3e-4, 8 seq/step, beta 0.3, T 200
+    "width 128 (demo)": dict(d_model=128, head_dim=32, d_ff=512),
+    "4 seq/step": dict(prompts_per_step=1),
+    "beta 0.1": dict(beta=0.1),
+    "T / 2": dict(steps=100, eval_every=25),
+}
 
 
 PRESETS = {
-    "full": dict(base=dict(CLI_PRESETS["default"]), regime="demo", cells=cells_around(CLI_PRESETS["default"]),
+    "full": dict(base=RULE, regime="rule", cells=RULE_CELLS,
                  seeds=[0, 1, 2], iterations=4, beta_large=1.0, envelope=[0.5, 1, 3, 10], front_samples=400,
                  lambdas=[round(0.1 * i, 1) for i in range(11)], etas=[0, 0.1, 0.3, 0.5, 0.8, 1]),
     "converged": dict(base=CONVERGED, regime="batch 8", cells=CONVERGED_CELLS, seeds=[0, 1, 2], iterations=4,
@@ -976,7 +979,8 @@ def main(argv):
     parser = ArgumentParser(prog="python -m experiments.reproduce",
                               description="Test each claim of the WARP paper on the toy task (docs/reproducing.md).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="full (the demo's regime, fixed by docs/regime-rule.md; experiments/results/), converged "
+                        help="full (the regime docs/regime-rule.md chose before any verdict: the demo's settings at width 256; "
+                             "experiments/results/), converged "
                              "(the demo's settings before that rule, whose runs reach the reward ceiling; "
                              "experiments/results/converged/) or quick (the quick demo's model: a smoke test whose "
                              "verdicts mean little)")

@@ -30,8 +30,23 @@ from warp_scale import driver
 from warp_scale.cli import PRESETS, RunConfig
 
 
-def flat(state, names):
-    return torch.cat([state[n].double().reshape(-1) for n in names])
+# Vectors in weight space as {tensor name: float64 tensor}: never one concatenated vector (a real model would
+# not fit twice in memory), dot products summed tensor by tensor in float64.
+def sub(a, b):
+    return {n: a[n].double() - b[n].double() for n in a}
+
+
+def axpy(t, x, y):
+    """t * x + y."""
+    return {n: t * x[n] + y[n] for n in x}
+
+
+def dot(a, b):
+    return sum(float((a[n] * b[n]).sum()) for n in a)
+
+
+def norm(a):
+    return dot(a, a) ** 0.5
 
 
 def main(argv=None):
@@ -50,27 +65,22 @@ def main(argv=None):
     sft_model = W.build_model(net, theta_sft)
     runs = [W.train_policy(cfg, task, net, theta_sft, theta_sft, W.run_seed(cfg.seed, 1, m), log=print)[0]
             for m in range(2)]
-    names = sorted(theta_sft)
-    base = flat(theta_sft, names)
-    deltas = [flat(r, names) - base for r in runs]
-    shared = (deltas[0] + deltas[1]) / 2
-    own = [d - shared for d in deltas]
-    s_hat = shared / shared.norm()
+    deltas = [sub(r, theta_sft) for r in runs]
+    shared = axpy(0.5, deltas[0], {n: 0.5 * v for n, v in deltas[1].items()})
+    own = [sub(d, shared) for d in deltas]
+    s_hat = {n: v / norm(shared) for n, v in shared.items()}
     merged = {"slerp": W.slerp(theta_sft, runs, 0.5), "lerp": W.lerp(theta_sft, runs, 0.5)}
-    merged_delta = {k: flat(v, names) - base for k, v in merged.items()}
+    merged_delta = {k: sub(v, theta_sft) for k, v in merged.items()}
 
     def evaluate(delta):
-        state, offset = {}, 0
-        for n in names:
-            size = theta_sft[n].numel()
-            state[n] = (theta_sft[n].double() + delta[offset:offset + size].view_as(theta_sft[n])).float()
-            offset += size
+        state = {n: (theta_sft[n].double() + delta[n]).float() for n in theta_sft}
         return W.evaluate(W.build_model(net, state), sft_model, task, cfg, "cpu")
 
-    projections = {**{f"run {m}": float(d @ s_hat) for m, d in enumerate(deltas)},
-                   **{k: float(v @ s_hat) for k, v in merged_delta.items()}}
+    projections = {**{f"run {m}": dot(d, s_hat) for m, d in enumerate(deltas)},
+                   **{k: dot(v, s_hat) for k, v in merged_delta.items()}}
     t_max = 1.6 * max(projections.values())
-    line = [{"t": t, **evaluate(t * s_hat)} for t in torch.linspace(0, t_max, args.points).tolist()]
+    line = [{"t": t, **evaluate({n: t * v for n, v in s_hat.items()})}
+            for t in torch.linspace(0, t_max, args.points).tolist()]
     points = {**{f"run {m}": evaluate(d) for m, d in enumerate(deltas)},
               **{k: evaluate(v) for k, v in merged_delta.items()}}
     front = driver.optimal_front_rows(cfg, task, sft_model, args.front_samples, "cpu")
@@ -78,12 +88,11 @@ def main(argv=None):
     ceiling = float(rewards[quality > 0].max())      # the best grammatical review among theta_sft's samples
     numbers = {
         "settings": dataclasses.asdict(cfg),
-        "norms": {"|delta_1|": float(deltas[0].norm()), "|delta_2|": float(deltas[1].norm()),
-                  "|s| (shared)": float(shared.norm()), "|n_m| (own)": float(own[0].norm()),
-                  "|SLERP - init|": float(merged_delta["slerp"].norm()),
-                  "|LERP - init|": float(merged_delta["lerp"].norm())},
-        "cosines": {"delta_1, delta_2": float(deltas[0] @ deltas[1] / (deltas[0].norm() * deltas[1].norm())),
-                    "n_1, s": float(own[0] @ shared / (own[0].norm() * shared.norm()))},
+        "norms": {"|delta_1|": norm(deltas[0]), "|delta_2|": norm(deltas[1]),
+                  "|s| (shared)": norm(shared), "|n_m| (own)": norm(own[0]),
+                  "|SLERP - init|": norm(merged_delta["slerp"]), "|LERP - init|": norm(merged_delta["lerp"])},
+        "cosines": {"delta_1, delta_2": dot(deltas[0], deltas[1]) / (norm(deltas[0]) * norm(deltas[1])),
+                    "n_1, s": dot(own[0], shared) / (norm(own[0]) * norm(shared))},
         "projections on s_hat": projections, "along s_hat": line, "points": points, "optimal_front": front,
         "ceiling": ceiling}
     os.makedirs(args.out, exist_ok=True)
