@@ -43,3 +43,14 @@ def test_fronts_without_a_shared_kl_do_not_crash():
     out = verdicts(rows(kl_first=(0.01, 0.02), kl_last=(0.5, 1.0)))
     front = [(ok, numbers) for name, ok, numbers in out if "front" in name]
     assert front == [(False, front[0][1])] and "share no KL" in front[0][1]
+
+
+def test_reading_states_the_room_left_under_the_optimal_front():
+    from toy_tasks.report import reading
+    r = rows(final=0.8)
+    r += [{"kind": "optimal_front", "kl": 0.5, "reward": 0.9, "trusted": True},
+          {"kind": "optimal_front", "kl": 1.0, "reward": 1.0, "trusted": False}]
+    text = " ".join(reading(r, verdicts(r)))
+    # final model at KL 0.5 -> front 0.9, reward 0.8: gap 0.100; plain RL's end at KL 0.5 with reward 0.8
+    assert "final model is 0.100 and plain RL's end 0.100 below" in text
+    assert reading(r, [("x", True, "")]) == []          # every check holds: nothing to explain

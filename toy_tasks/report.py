@@ -182,6 +182,30 @@ def distance_to_optimum(rows):
     return lines
 
 
+def reading(rows, checks):
+    """One paragraph saying why failed checks may have to fail: how close WARP's final model and plain RL's
+    end already are to the optimal front (the room any method had). Empty when every check holds."""
+    best = [r for r in rows if r["kind"] == "optimal_front"]
+    failed = [name for name, ok, _ in checks if not ok]
+    plain = [r for r in rows if r["kind"] == "trajectory" and r.get("run") == "sft-anchor"]
+    if not (best and failed and plain):
+        return []
+    sft = next(r for r in rows if r.get("label") == "theta_sft")
+    curve = [{"kl": 0.0, "reward": sft["reward"]}] + best
+    final = [r for r in rows if r["kind"] == "eval"][-1]
+    room = {name: along(curve, r["kl"]) for name, r in (("WARP", final), ("plain RL", plain[-1]))}
+    if any(v is None for v in room.values()):
+        return []
+    gap = {name: point[0] - r["reward"] for (name, point), r in zip(room.items(), (final, plain[-1]))}
+    spread = final["reward_se"] * 2
+    return ["", f"Reading: {len(failed)} check(s) did not hold. At their own KL, WARP's final model is "
+                f"{gap['WARP']:.3f} and plain RL's end {gap['plain RL']:.3f} below the optimal front (at least: "
+                f"a lower bound beyond its trusted range), against an evaluation noise of about {spread:.3f} (two "
+                "standard errors). When both are this close to the best any policy can reach, neither can be "
+                "much better than the other; WARP has room to win where plain RL stops far below the front "
+                "(fewer steps, a smaller learning rate, a larger model)."]
+
+
 @torch.no_grad()
 def completions(prompts, models, build, sample, seed):
     """The completions of `prompts` by each model, with the same sampling seed.
@@ -204,11 +228,12 @@ def summarize(cfg, rows, models, build, sample, eval_prompts, seed, log=print, n
     models = {k: models[k] for k in names if k in models}   # fixed order: sft, plain, warp
     samples = completions(eval_prompts[:n], models, build, sample, seed)
     text = [md, "", "Checks (a difference counts when it exceeds two standard errors of the evaluation):", ""]
-    text += [f"- {'holds' if ok else 'does not hold'}: {name} — {numbers}" for name, ok, numbers in verdicts(rows)]
+    checks = verdicts(rows)
+    text += [f"- {'holds' if ok else 'does not hold'}: {name} — {numbers}" for name, ok, numbers in checks]
     gaps = distance_to_optimum(rows)
     if gaps:
         text += ["", "Below the optimal KL-reward front (the best any policy can do for this reward at its KL):", ""]
-        text += gaps
+        text += gaps + reading(rows, checks)
     text += ["", "Completions (same prompts, same sampling seed):", ""]
     for key, pairs in samples.items():
         for prompt, completion in pairs:
