@@ -2,6 +2,7 @@
 follows from its numbers by the rule in reproduce.CLAIMS, and the same seeds give the same bytes
 whatever the number of worker processes."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import reproduce as R
+from warp_scale.cli import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(base=dict(n_layer=1, d_model=32, head_dim=8, d_ff=64, sft_steps=20, sft_docs=300, steps=8, lr=1e-3,
@@ -120,7 +122,22 @@ def test_the_regime_is_the_presets_and_every_preset_has_its_runs(outputs):
     assert raw["regime"] == TINY["regime"]
     assert raw["optimal_front"] and {"beta", "reward", "kl", "trusted"} <= set(raw["optimal_front"][0])
     assert sorted(raw["seeds"]["0"]["envelope"]) == sorted(f"{f:g}x beta" for f in TINY["envelope"])
-    assert R.PRESETS["full"]["base"] == R.CLI_PRESETS["default"] and R.PRESETS["converged"]["base"] == R.CONVERGED
+    assert R.PRESETS["converged"]["base"] == R.CONVERGED
+
+
+def test_full_preset_and_demo_are_the_regime_rules_choice():
+    """docs/regime-rule.md: the reproduction runs the candidate the rule chose (regimes.json), the demo the
+    same settings at width 128; only the width differs between them."""
+    regimes = json.load(open(os.path.join(ROOT, "experiments", "results", "regimes", "regimes.json")))
+    chosen = next(c for c in regimes["candidates"] if c["id"] == regimes["chosen"])
+    full = RunConfig(**{**R.PRESETS["full"]["base"], **R.PRESETS["full"]["cells"][R.PRESETS["full"]["regime"]]})
+    demo = RunConfig(**R.CLI_PRESETS["default"])
+    for cfg, width in ((full, chosen["settings"]["d_model"]), (demo, 128)):
+        assert (cfg.d_model, cfg.lr, cfg.prompts_per_step, cfg.beta, cfg.steps) == \
+            (width, chosen["settings"]["lr"], chosen["settings"]["prompts_per_step"], chosen["settings"]["beta"],
+             chosen["T"])
+    assert (full.head_dim, full.d_ff) == (full.d_model // 4, 4 * full.d_model)
+    assert dataclasses.replace(full, d_model=128, head_dim=32, d_ff=512) == demo
 
 
 @pytest.mark.parametrize("args, message", [
