@@ -11,7 +11,7 @@ scored on the same prompts with the same random numbers. A run is cached on disk
 description, so an interrupted reproduction continues where it stopped.
 
   phase 1  claim 10: two runs per (regime, seed) for the regimes around the preset's, one factor changed at a
-           time (width, batch size, beta, run length, lr); the optimal KL-reward front of the preset's theta_sft
+           time (width, batch size, beta, run length); the optimal KL-reward front of the preset's theta_sft
   phase 2  in the preset's regime ("full": the one the rule of docs/regime-rule.md chose before any verdict
            was seen -- the demo's settings at width 256; "converged": the demo's settings before that rule,
            whose runs reach the reward ceiling): two more runs (M = 4), the anchor/beta runs of claim 1,
