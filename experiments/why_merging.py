@@ -36,11 +36,6 @@ def sub(a, b):
     return {n: a[n].double() - b[n].double() for n in a}
 
 
-def axpy(t, x, y):
-    """t * x + y."""
-    return {n: t * x[n] + y[n] for n in x}
-
-
 def dot(a, b):
     return sum(float((a[n] * b[n]).sum()) for n in a)
 
@@ -57,6 +52,11 @@ def main(argv=None):
     parser.add_argument("--front-samples", type=int, default=400, help="samples of theta_sft per prompt for the front")
     parser.add_argument("--points", type=int, default=9, help="evaluations along the shared direction")
     args = parser.parse_args(argv)
+    for flag, value, low in (("--front-samples", args.front_samples, 2), ("--points", args.points, 2),
+                             ("--seed", args.seed, 0)):
+        if value < low:
+            print(f"error: {flag} {value}: must be >= {low}", file=sys.stderr)
+            return 2
     torch.set_flush_denormal(True)
     cfg = RunConfig(**{**PRESETS[args.preset], "seed": args.seed, "device": "cpu", "checkpoint_every": 0,
                        "eval_every": 0})
@@ -66,9 +66,10 @@ def main(argv=None):
     runs = [W.train_policy(cfg, task, net, theta_sft, theta_sft, W.run_seed(cfg.seed, 1, m), log=print)[0]
             for m in range(2)]
     deltas = [sub(r, theta_sft) for r in runs]
-    shared = axpy(0.5, deltas[0], {n: 0.5 * v for n, v in deltas[1].items()})
+    shared = {n: (deltas[0][n] + deltas[1][n]) / 2 for n in deltas[0]}
     own = [sub(d, shared) for d in deltas]
-    s_hat = {n: v / norm(shared) for n, v in shared.items()}
+    shared_norm = norm(shared)
+    s_hat = {n: v / shared_norm for n, v in shared.items()}
     merged = {"slerp": W.slerp(theta_sft, runs, 0.5), "lerp": W.lerp(theta_sft, runs, 0.5)}
     merged_delta = {k: sub(v, theta_sft) for k, v in merged.items()}
 

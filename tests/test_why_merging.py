@@ -25,3 +25,10 @@ def test_why_merging_geometry(tmp_path, capsys):
     # SLERP keeps the runs' norms where LERP shrinks them: it is the longer of the two
     assert norms["|SLERP - init|"] > norms["|LERP - init|"]
     assert [p["t"] for p in numbers["along s_hat"]][0] == 0.0
+
+
+def test_why_merging_flags_are_checked_before_any_work(capsys):
+    for args in (["--points", "1"], ["--front-samples", "0"], ["--seed", "-1"]):
+        assert why_merging.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {args[0]} {args[1]}")
