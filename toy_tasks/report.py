@@ -157,15 +157,23 @@ def verdicts(rows):
     return out
 
 
+def front_curve(rows):
+    """The optimal front as a polyline from theta_sft (KL 0) and the KL up to which it is trusted; None if the
+    run did not estimate it."""
+    best = [r for r in rows if r["kind"] == "optimal_front"]
+    if not best:
+        return None
+    sft = next(r for r in rows if r.get("label") == "theta_sft")
+    return [{"kl": 0.0, "reward": sft["reward"]}] + best, max([r["kl"] for r in best if r["trusted"]], default=0.0)
+
+
 def distance_to_optimum(rows):
     """Lines saying how far each key model is below the optimal front at its own KL (or that the front is
     only a lower bound there): the room merging had, which a failed check is read against."""
-    best = [r for r in rows if r["kind"] == "optimal_front"]
-    if not best:
+    front = front_curve(rows)
+    if front is None:
         return []
-    sft = next(r for r in rows if r.get("label") == "theta_sft")
-    curve = [{"kl": 0.0, "reward": sft["reward"]}] + best
-    trusted_kl = max([r["kl"] for r in best if r["trusted"]], default=0.0)
+    curve, trusted_kl = front
     lines = []
     evals = [r for r in rows if r["kind"] == "eval" and r["iteration"] > 0]
     traj = [r for r in rows if r["kind"] == "trajectory"]
@@ -185,21 +193,19 @@ def distance_to_optimum(rows):
 def reading(rows, checks):
     """One paragraph saying why failed checks may have to fail: how close WARP's final model and plain RL's
     end already are to the optimal front (the room any method had). Empty when every check holds."""
-    best = [r for r in rows if r["kind"] == "optimal_front"]
+    front = front_curve(rows)
     failed = [name for name, ok, _ in checks if not ok]
     plain = [r for r in rows if r["kind"] == "trajectory" and r.get("run") == "sft-anchor"]
-    if not (best and failed and plain):
+    if not (front and failed and plain):
         return []
-    sft = next(r for r in rows if r.get("label") == "theta_sft")
-    curve = [{"kl": 0.0, "reward": sft["reward"]}] + best
     final = [r for r in rows if r["kind"] == "eval"][-1]
-    room = {name: along(curve, r["kl"]) for name, r in (("WARP", final), ("plain RL", plain[-1]))}
-    if any(v is None for v in room.values()):
+    optimum = [along(front[0], r["kl"]) for r in (final, plain[-1])]
+    if None in optimum:
         return []
-    gap = {name: point[0] - r["reward"] for (name, point), r in zip(room.items(), (final, plain[-1]))}
+    gap_warp, gap_plain = optimum[0][0] - final["reward"], optimum[1][0] - plain[-1]["reward"]
     spread = final["reward_se"] * 2
     return ["", f"Reading: {len(failed)} check(s) did not hold. At their own KL, WARP's final model is "
-                f"{gap['WARP']:.3f} and plain RL's end {gap['plain RL']:.3f} below the optimal front (at least: "
+                f"{gap_warp:.3f} and plain RL's end {gap_plain:.3f} below the optimal front (at least: "
                 f"a lower bound beyond its trusted range), against an evaluation noise of about {spread:.3f} (two "
                 "standard errors). When both are this close to the best any policy can reach, neither can be "
                 "much better than the other; WARP has room to win where plain RL stops far below the front "
