@@ -283,6 +283,16 @@ class Transformer(nn.Module):
         return torch.cat([idx, torch.stack(new_tokens, dim=1)], dim=1)
 
     @classmethod
+    def from_state(cls, cfg: ModelConfig, state, device="cpu", dtype=torch.float32):
+        """A network holding `state` (copied, rounded to `dtype`), without a wasted random init."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to(dtype).to_empty(device=device)
+        model.build_rope_tables(device)   # the rotary tables are not in the state dict
+        model.load_state_dict(state)
+        return model
+
+    @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, max_seq_len=None):
         """Load a Hugging Face Gemma checkpoint directory (gemma, gemma2, gemma3_text, or the language
         model of a multimodal gemma3). dtype defaults to float32 (choice: not the file's dtype);

@@ -14,11 +14,9 @@ Read top to bottom; each section is one step of the paper's Algorithm 1:
         theta_slerp <- SLERP(theta_init, {theta_m}, lambda)   # per layer          -> slerp()
         theta_init  <- (1 - eta) * theta_init + eta * theta_slerp                  -> liti()
 
-Every choice the paper leaves open is marked "choice:" (grep for it). This file is the algorithm on
-the toy task (model.py: the network, reward.py: the reward, toy_tasks/: the reviews, the tokenizer and
-the SFT model). `python warp_min.py` runs the demo through warp_scale/, the package that scales the
-same functions up (Hugging Face checkpoints, a streaming merge, torchrun, crash-safe resume, bf16);
-`python warp_min.py --help` lists every setting.
+Every choice the paper leaves open is marked "choice:". The network is model.py, the reward reward.py, the
+reviews, tokenizer and SFT toy_tasks/. `python warp_min.py [--help]` runs the demo through warp_scale/, which
+scales these same functions up (Hugging Face checkpoints, streaming merge, torchrun, resume, bf16).
 """
 
 import dataclasses
@@ -37,15 +35,10 @@ from toy_tasks import reviews, sft
 from toy_tasks.tokenizer import ToyTokenizer
 
 # ---- Weight-space operations: EMA, SLERP of task vectors, LITI. Pure functions on state dicts. ----
-
-
 @torch.no_grad()
 def ema_update(anchor, online, mu):
-    """theta_ema <- (1 - mu) * theta_ema + mu * theta, in place (paper Sec. 3.1, the EMA anchor).
-
-    anchor, online: nn.Modules with the same parameter names, or state dicts. The anchor may be
-    wider than the policy (an fp32 anchor of a bf16 policy: in bf16, mu = 0.01 rounds to zero).
-    """
+    """theta_ema <- (1 - mu) * theta_ema + mu * theta, in place (paper Sec. 3.1, the EMA anchor), on modules
+    or state dicts. The anchor may be wider than the policy (in bf16, mu = 0.01 rounds away: keep it fp32)."""
     anchor_sd = anchor.state_dict() if hasattr(anchor, "state_dict") else anchor
     online_sd = online.state_dict() if hasattr(online, "state_dict") else online
     for name, a in anchor_sd.items():
@@ -98,9 +91,8 @@ def slerp_pair_weights(dot, norm_a, norm_b, lam, eps=1e-6):
         Omega = arccos(<d_a, d_b> / (|d_a| |d_b|))
         slerp = theta_init + sin((1 - lam) Omega) / sin Omega * d_a + sin(lam Omega) / sin Omega * d_b
 
-    lam = 0 gives d_a, lam = 1 gives d_b. A zero or (anti-)colinear pair (sin Omega < eps) falls
-    back to LERP (1 - lam, lam): never a division by zero. Returns (w_a, w_b, omega, used_lerp).
-    """
+    lam = 0 gives d_a, lam = 1 gives d_b. A zero or (anti-)colinear pair (sin Omega < eps) falls back
+    to LERP (1 - lam, lam): never a division by zero. Returns (w_a, w_b, omega, used_lerp)."""
     if norm_a <= 0.0 or norm_b <= 0.0:
         return 1.0 - lam, lam, float("nan"), True
     omega = math.acos(max(-1.0, min(1.0, dot / (norm_a * norm_b))))
@@ -148,12 +140,9 @@ def combine(init, policies, coefficients):
 
 
 def slerp(init, policies, lam=None, granularity="layer", method="slerp"):
-    """SLERP of task vectors (paper Sec. 3.2): {name: tensor} state dicts in, a new one out.
-
-    Per group (group_of): the Gram matrix of the task vectors in float64, the coefficients of
-    slerp_pair_weights' formula from it (merge_coefficients), then theta_init + sum_m c_m delta_m
-    per tensor, in the input dtype. method="lerp" is plain linear interpolation, for comparison.
-    """
+    """SLERP of task vectors (paper Sec. 3.2), {name: tensor} state dicts in, a new one out: per group
+    (group_of), the coefficients of slerp_pair_weights' formula from the group's float64 Gram matrix, then
+    theta_init + sum_m c_m delta_m per tensor in the input dtype. method="lerp": linear, for comparison."""
     coefficients = {g: merge_coefficients(G, lam, method)[0]
                     for g, G in task_vector_gram(init, policies, granularity).items()}
     return {name: combine(t, [p[name] for p in policies], coefficients[group_of(name, granularity)])
@@ -185,8 +174,6 @@ def cosine_report(init, policies, granularity):
 
 
 # ---- Configuration (every field is a flag of `python warp_min.py`), the task, the network. ----
-
-
 def arg(default, doc):
     return field(default=default, metadata={"doc": doc})
 
@@ -211,8 +198,7 @@ class Config:
     iterations: int = arg(2, "I: WARP iterations (each: M runs -> SLERP -> LITI)")
     runs: int = arg(2, "M: independent RL runs per iteration")
     steps: int = arg(200, "T: RL steps per run")
-    beta: float = arg(0.3, "beta: KL coefficient in r_beta = r - beta * log(pi / pi_ema) (paper: 0.1; the demo's "
-                      "0.3 is the regime docs/regime-rule.md chose)")
+    beta: float = arg(0.3, "beta: KL coefficient in r_beta = r - beta * log(pi / pi_ema) (paper 0.1; docs/regime-rule.md)")
     mu: float = arg(0.01, "mu: EMA rate of the anchor, theta_ema <- (1-mu) theta_ema + mu theta")
     lam: float = arg(0.5, "lambda: SLERP interpolation weight of the second policy (M = 2)")
     eta: float = arg(0.3, "eta: LITI step, theta_init <- (1-eta) theta_init + eta theta_slerp")
@@ -264,14 +250,7 @@ def toy_theta_sft(cfg: Config, cache_dir=None, log=print):
                         device=resolve_device(cfg.device), log=log)
 
 
-def build_model(net: ModelConfig, state, device="cpu", dtype=torch.float32):
-    """A network holding `state` (copied, rounded to `dtype`), without a wasted random init."""
-    with torch.device("meta"):
-        model = Transformer(net)
-    model = model.to(dtype).to_empty(device=device)
-    model.build_rope_tables(device)   # the rotary tables are not in the state dict
-    model.load_state_dict(state)
-    return model
+build_model = Transformer.from_state   # (net, state, device, dtype) -> a network holding `state`
 
 
 def cpu_state(model):
@@ -284,28 +263,20 @@ def run_seed(seed, iteration, run):
 
 
 def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 # ---- Sampling and scoring: shared by the RL step and evaluation. ----
-
-
 def sample(policy, prompts, task: Task, cfg: Config, generator, device):
-    """y ~ pi(.|x): returns tokens (B, T), completion mask (B, T), completion texts, finished flags.
-
-    Prompts of different token lengths (a real tokenizer; every toy prompt has one length) are sampled in
-    groups of one length and right-padded: the model is causal, so padding never changes a row's log-probs.
-    """
+    """y ~ pi(.|x): returns tokens (B, T), completion mask (B, T), completion texts, finished flags. Prompts
+    are sampled in groups of one token length (the toy's all have one), then right-padded: the model is
+    causal, so padding never changes a row's log-probs."""
     tok = task.tokenizer
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
-    groups = {}                                                           # prompt length -> row indices
-    for i, ids in enumerate(prompt_ids):
-        groups.setdefault(len(ids), []).append(i)
     policy.eval()
     rows = [None] * len(prompts)
-    for index in groups.values():
+    for length in dict.fromkeys(map(len, prompt_ids)):                   # in order of first appearance
+        index = [i for i, ids in enumerate(prompt_ids) if len(ids) == length]
         batch = torch.tensor([prompt_ids[i] for i in index], dtype=torch.long, device=device)     # (b, T0)
         sampled = policy.generate(batch, cfg.max_new_tokens, temperature=cfg.temperature,
                                   generator=generator, stop_ids=tok.stop_ids)
@@ -327,21 +298,25 @@ def sample(policy, prompts, task: Task, cfg: Config, generator, device):
 
 
 def sequence_logprob(model, tokens, mask, cfg: Config):
-    """log pi(y|x): completion log-probabilities summed over tokens, (B,), at the sampling
-    temperature (the distribution that was sampled). Also the per-token entropy."""
+    """log pi(y|x) (B,), summed over the completion at the sampling temperature; and per-token entropies."""
     logp, entropy = completion_logprobs(model, tokens, 0, mask, cfg.temperature)
     return logp.sum(-1), entropy
 
 
 @torch.no_grad()
+def kl_to(policy, other, tokens, mask, cfg: Config):
+    """k1 estimate of KL(pi || other) per sequence, log pi(y|x) - log other(y|x), on y sampled from pi."""
+    return sequence_logprob(policy, tokens, mask, cfg)[0] - sequence_logprob(other, tokens, mask, cfg)[0]
+
+
+@torch.no_grad()
 def evaluate(policy, sft_model, task: Task, cfg: Config, device):
     """Reward, KL(pi || pi_sft) and quality on the fixed evaluation set, every model with the same random
-    numbers (a private generator: evaluating never changes training). KL is the k1 estimator
-    log pi(y|x) - log pi_sft(y|x), y ~ pi, summed over the completion: nats per completion."""
+    numbers (a private generator: evaluating never changes training). KL: kl_to, nats per completion."""
     prompts = [p for p in task.eval_prompts(cfg.eval_prompts) for _ in range(cfg.eval_samples)]
     gen = torch.Generator(device=device).manual_seed(run_seed(cfg.seed, -2, 0))
     tokens, mask, texts, finished = sample(policy, prompts, task, cfg, gen, device)
-    kl = (sequence_logprob(policy, tokens, mask, cfg)[0] - sequence_logprob(sft_model, tokens, mask, cfg)[0]).cpu()
+    kl = kl_to(policy, sft_model, tokens, mask, cfg).cpu()
     r, n = task.reward(prompts, texts), len(prompts)
     point = {"reward": r.mean().item(), "reward_se": r.std().item() / math.sqrt(n),
              "kl": kl.mean().item(), "kl_se": kl.std().item() / math.sqrt(n)}
@@ -353,8 +328,6 @@ def evaluate(policy, sft_model, task: Task, cfg: Config, device):
 
 
 # ---- One RL fine-tuning (Algorithm 1's inner loop): REINFORCE on r_beta, the EMA anchor every step. ----
-
-
 def reinforce_loss(policy, anchor, tokens, mask, r, cfg: Config):
     """The policy-gradient loss of one batch of k samples per prompt (paper Eq. 2, Sec. 3.1):
 
@@ -362,9 +335,8 @@ def reinforce_loss(policy, anchor, tokens, mask, r, cfg: Config):
         A_i = r_beta_i - mean_{j != i} r_beta_j                        over the k samples of one prompt
         loss = -mean_i[ A_i * log pi(y_i|x_i) ]                        REINFORCE
 
-    r_beta and A are constants (detached): the gradient is sum_i A_i grad log pi(y_i|x_i) / B.
-    Returns (loss, stats).
-    """
+    r_beta and A are constants (detached): the gradient is sum_i A_i grad log pi(y_i|x_i) / B. Returns
+    (loss, stats)."""
     policy.train()
     logp, entropy = sequence_logprob(policy, tokens, mask, cfg)             # (B,), with gradient
     with torch.no_grad():
@@ -391,7 +363,7 @@ def rl_step(policy, anchor, optimizer, prompts, task: Task, cfg: Config, generat
     r = task.reward(prompts, texts).to(device)                                               # r(x, y)
     loss, stats = reinforce_loss(policy, anchor, tokens, mask, r, cfg)
     if sft_model is not None:                                 # logged: this batch's KL to theta_sft
-        stats["kl_sft"] = kl_to(policy, sft_model, tokens, mask, cfg)
+        stats["kl_sft"] = kl_to(policy, sft_model, tokens, mask, cfg).mean().item()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
@@ -401,19 +373,11 @@ def rl_step(policy, anchor, optimizer, prompts, task: Task, cfg: Config, generat
     return stats
 
 
-@torch.no_grad()
-def kl_to(policy, other, tokens, mask, cfg: Config):
-    """Mean k1 KL(pi || other) on a batch sampled from pi."""
-    return (sequence_logprob(policy, tokens, mask, cfg)[0] - sequence_logprob(other, tokens, mask, cfg)[0]).mean().item()
-
-
 def train_policy(cfg: Config, task: Task, net, theta_init, theta_sft, seed, steps=None, anchor="ema", tag=None,
                  log=print, emit=None):
-    """One independent RL run from theta_init; returns (theta_m, theta_ema) as CPU state dicts.
-
-    Everything is built here from `seed`: no state is shared with the other runs. anchor="ema": KL
-    towards the EMA of the policy (WARP); "sft": towards the fixed theta_sft (plain RLHF; mu = 0).
-    """
+    """One independent RL run from theta_init, everything built from `seed` (no state shared with other runs);
+    returns (theta_m, theta_ema) as CPU state dicts. anchor="ema": KL towards the EMA of the policy (WARP);
+    "sft": towards the fixed theta_sft (plain RLHF; mu = 0)."""
     device, steps, tag, emit = resolve_device(cfg.device), steps or cfg.steps, tag or {}, emit or (lambda row: None)
     policy = build_model(net, theta_init, device)
     anchor_model = build_model(net, theta_init if anchor == "ema" else theta_sft, device).requires_grad_(False)
@@ -445,8 +409,6 @@ def log_train(log, emit, tag, step, steps, stats, eta_s):
 
 
 # ---- WARP: I iterations of (M runs -> SLERP -> LITI), and what is measured at the end of each. ----
-
-
 def warp(cfg: Config, task: Task, net, theta_sft, log=print, emit=None):
     """Algorithm 1 from theta_sft; returns the final model (the last LITI model) as a state dict.
     Metrics (every run's trajectory, every iteration's merges and LITI front) go to emit(row)."""
@@ -481,28 +443,25 @@ def plain_rl(cfg: Config, task: Task, net, theta_sft, log=print, emit=None):
 
 def measure_iteration(cfg, task, build, it, theta_init, theta_sft, policies, theta_slerp, theta_next, sft_model,
                       log, emit):
-    """Task-vector cosines (the paper: ~orthogonal task vectors, ~identical weights), the LITI front
-    (1 - eta) theta_sft + eta theta_slerp as the paper draws it, the SLERP and the next theta_init.
-    build(state) -> the network holding a state, on the device."""
-    device = resolve_device(cfg.device)
+    """What the paper plots after an iteration: task-vector cosines (~orthogonal task vectors, ~identical
+    weights), the LITI front (1 - eta) theta_sft + eta theta_slerp, the SLERP and the next theta_init."""
+    def evaluate_state(state):   # build(state) -> the network holding a state, on the device
+        return evaluate(build(state), sft_model, task, cfg, resolve_device(cfg.device))
+
     if cfg.runs >= 2:
         cos = {g: cosine_report(theta_init, policies, g) for g in ("model", "layer")}
-        cos_full = cosine_report({k: torch.zeros_like(v) for k, v in theta_init.items()}, policies, "model")
-        layer_cos = list(cos["layer"].values())
+        full = cosine_report({k: torch.zeros_like(v) for k, v in theta_init.items()}, policies, "model")["model"]
         log(f"  task-vector cosine(run 0, run 1): model {cos['model']['model']:.3f}, per group "
-            f"{min(layer_cos):.3f}..{max(layer_cos):.3f}; full-weight cosine {cos_full['model']:.4f}")
+            f"{min(cos['layer'].values()):.3f}..{max(cos['layer'].values()):.3f}; full-weight cosine {full:.4f}")
         emit({"kind": "cosine", "iteration": it, "task_vector": cos["model"]["model"],
-              "task_vector_per_group": cos["layer"], "full_weights": cos_full["model"]})
+              "task_vector_per_group": cos["layer"], "full_weights": full})
     for eta in [float(e) for e in cfg.etas.split(",")]:
-        point = evaluate(build(liti(theta_sft, theta_slerp, eta)), sft_model, task, cfg, device)
-        emit({"kind": "front", "iteration": it, "eta": eta, **point})
-    rows = [{"kind": "eval", "label": label, "iteration": it,
-             **evaluate(build(state), sft_model, task, cfg, device)}
-            for label, state in ((f"iter {it} SLERP", theta_slerp), (f"iter {it} LITI (eta={cfg.eta})", theta_next))]
-    for row in rows:
+        emit({"kind": "front", "iteration": it, "eta": eta, **evaluate_state(liti(theta_sft, theta_slerp, eta))})
+    for label, state in ((f"iter {it} SLERP", theta_slerp), (f"iter {it} LITI (eta={cfg.eta})", theta_next)):
+        row = {"kind": "eval", "label": label, "iteration": it, **evaluate_state(state)}
         emit(row)
-    log(f"  iteration {it}: " + " | ".join(f"{r['label']}: reward {r['reward']:.3f}, KL {r['kl']:.2f}"
-                                            + (f", quality {r['quality']:.2f}" if "quality" in r else "") for r in rows))
+        log(f"  {label}: reward {row['reward']:.3f}, KL {row['kl']:.2f}"
+            + (f", quality {row['quality']:.2f}" if "quality" in row else ""))
 
 
 if __name__ == "__main__":   # the demo and every other command: warp_scale/cli.py (flags, checks, outputs)

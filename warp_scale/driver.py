@@ -87,7 +87,7 @@ def rl_step(policy, anchor, optimizer, prompts, task, cfg, generator, device, sf
     r = task.reward(prompts, texts).to(device)
     loss, stats = W.reinforce_loss(policy, anchor, tokens, mask, r, cfg)
     if sft_model is not None:
-        stats["kl_sft"] = W.kl_to(policy, sft_model, tokens, mask, cfg)
+        stats["kl_sft"] = W.kl_to(policy, sft_model, tokens, mask, cfg).mean().item()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if mixed is None:
