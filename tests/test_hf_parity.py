@@ -343,10 +343,11 @@ def test_kv_cache_equals_full_forward(name):
     idx = torch.randint(0, cfg.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(idx)
-        caches = [dict() for _ in range(cfg.n_layer)]
-        steps = [model(idx[:, :4], caches, start_pos=0)]
-        steps += [model(idx[:, t:t + 1], caches, start_pos=t) for t in range(4, idx.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+        for prefill in (4, 8):   # a prompt shorter and longer than the sliding window (5)
+            caches = [dict() for _ in range(cfg.n_layer)]
+            steps = [model(idx[:, :prefill], caches, start_pos=0)]
+            steps += [model(idx[:, t:t + 1], caches, start_pos=t) for t in range(prefill, idx.shape[1])]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
     prompt = idx[:, :3]
     assert torch.equal(model.generate(prompt, 30, temperature=0),
                        model.generate(prompt, 30, temperature=0, use_cache=False))
