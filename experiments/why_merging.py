@@ -29,6 +29,9 @@ from toy_tasks.report import along
 from warp_scale import driver
 from warp_scale.cli import PRESETS, RunConfig
 
+# docs/why-merging.* were made with theta_sft of 800 SFT steps (the demo's default became 500 later, for speed)
+COMMITTED_SFT = {"default": dict(sft_steps=800)}
+
 
 # Vectors in weight space as {tensor name: float64 tensor}: never one concatenated vector (a real model would
 # not fit twice in memory), dot products summed tensor by tensor in float64.
@@ -59,7 +62,7 @@ def main(argv=None):
             return 2
     torch.set_flush_denormal(True)
     cfg = RunConfig(**{**PRESETS[args.preset], "seed": args.seed, "device": "cpu", "checkpoint_every": 0,
-                       "eval_every": 0})
+                       "eval_every": 0, **COMMITTED_SFT.get(args.preset, {})})
     task, net = W.toy_task(), W.toy_network(cfg)
     theta_sft = W.toy_theta_sft(cfg, cfg.cache_dir)
     sft_model = W.build_model(net, theta_sft)
