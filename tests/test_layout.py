@@ -117,6 +117,20 @@ def test_model_imports_only_the_standard_library_and_torch():
     assert names and all(n.split(".")[0] in sys.stdlib_module_names or n.split(".")[0] == "torch" for n in names), names
 
 
+def test_the_core_stays_readable_in_one_sitting():
+    """Issue 11: warp_min.py is Algorithm 1 in about 450 lines, with a warp() loop of about 40 in which
+    runs -> SLERP -> LITI read directly, and no rank, resume, checkpoint or bf16 branch on its path."""
+    source = open(os.path.join(ROOT, "warp_min.py")).read()
+    assert len(source.splitlines()) <= 475
+    tree = ast.parse(source)
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    loop = functions["warp"]
+    assert loop.end_lineno - loop.lineno + 1 <= 40
+    names = {n.id for f in (loop, functions["train_policy"]) for n in ast.walk(f) if isinstance(n, ast.Name)}
+    assert {"train_policy", "slerp", "liti"} <= names
+    assert not {n for n in names if any(w in n.lower() for w in ("rank", "world", "resume", "checkpoint", "bf16"))}
+
+
 def test_pyproject_installs_every_module_and_the_tokenizer_ranks():
     """`pip install .` ships the core modules, both packages and the tokenizer's ranks file."""
     tomllib = pytest.importorskip("tomllib")     # Python >= 3.11
