@@ -198,7 +198,7 @@ class Config:
     iterations: int = arg(2, "I: WARP iterations (each: M runs -> SLERP -> LITI)")
     runs: int = arg(2, "M: independent RL runs per iteration")
     steps: int = arg(200, "T: RL steps per run")
-    beta: float = arg(0.3, "beta: KL coefficient in r_beta = r - beta * log(pi / pi_ema) (paper 0.1; docs/regime-rule.md)")
+    beta: float = arg(0.3, "beta: KL weight in r_beta = r - beta log(pi / pi_ema) (paper 0.1; docs/regime-rule.md)")
     mu: float = arg(0.01, "mu: EMA rate of the anchor, theta_ema <- (1-mu) theta_ema + mu theta")
     lam: float = arg(0.5, "lambda: SLERP interpolation weight of the second policy (M = 2)")
     eta: float = arg(0.3, "eta: LITI step, theta_init <- (1-eta) theta_init + eta theta_slerp")
