@@ -145,6 +145,7 @@ class Attention(nn.Module):
                 cache["k"], cache["v"], cache["len"] = k.new_empty(size), v.new_empty(size), 0
             start, end = cache["len"], cache["len"] + T
             assert start == 0 or T == 1, "with a filled cache, decode one token at a time"
+            assert end <= cache["k"].shape[2], f"the KV cache holds {cache['k'].shape[2]} positions, not {end}"
             cache["k"][:, :, start:end], cache["v"][:, :, start:end], cache["len"] = k, v, end
             # a new token of a local layer sees only the last `window` positions (the prompt: by its mask)
             keep_from = max(0, end - self.window) if self.window is not None and T == 1 else 0
