@@ -445,8 +445,10 @@ def measure_iteration(cfg, task, build, it, theta_init, theta_sft, policies, the
                       log, emit):
     """What the paper plots after an iteration: task-vector cosines (~orthogonal task vectors, ~identical
     weights), the LITI front (1 - eta) theta_sft + eta theta_slerp, the SLERP and the next theta_init."""
+    device = resolve_device(cfg.device)
+
     def evaluate_state(state):   # build(state) -> the network holding a state, on the device
-        return evaluate(build(state), sft_model, task, cfg, resolve_device(cfg.device))
+        return evaluate(build(state), sft_model, task, cfg, device)
 
     if cfg.runs >= 2:
         cos = {g: cosine_report(theta_init, policies, g) for g in ("model", "layer")}

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import warp_min as wm
+from experiments.reproduce import COMMITTED_SFT
 from warp_scale.cli import PRESETS, RunConfig
 from warp_scale.driver import train_run as production_run
 
@@ -48,7 +49,7 @@ def settings():                                  # width 128 first: the cheap ca
 def config(setting, seed, steps=max(TS)):
     d = setting["d_model"]
     return RunConfig(**{**PRESETS["default"], **setting, "head_dim": d // 4, "d_ff": 4 * d, "n_layer": 4,
-                        "seed": seed, "steps": steps, "sft_steps": 800, "threads": 1, "device": "cpu", "baseline": False,
+                        "seed": seed, "steps": steps, **COMMITTED_SFT, "threads": 1, "device": "cpu", "baseline": False,
                         "cache_dir": os.path.join(CACHE, "sft"), "checkpoint_every": 100, "eval_every": EVERY,
                         # a "train" row is emitted just before each evaluation and its "trajectory" row just
                         # after: their time stamps give the evaluation time exactly (the cost excludes it)

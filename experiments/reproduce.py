@@ -54,7 +54,8 @@ from warp_scale.driver import train_run
 # "quick" is a 1.5-minute smoke test of the same code.
 # ----------------------------------------------------------------------------------------------
 
-# theta_sft of the committed results: 800 SFT steps (the demo's default became 500 afterwards, for speed)
+# theta_sft of the committed results (here, experiments/results/regimes/ and docs/why-merging.*): 800 SFT steps
+# (the demo's default became 500 afterwards, for speed)
 COMMITTED_SFT = dict(sft_steps=800)
 CONVERGED = dict(lr=3e-4, prompts_per_step=2, beta=0.1, steps=200, eval_every=50,   # the demo before the rule
                  n_layer=4, d_model=128, head_dim=32, d_ff=512, **COMMITTED_SFT)

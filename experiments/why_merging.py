@@ -27,10 +27,8 @@ import torch
 import warp_min as W
 from toy_tasks.report import along
 from warp_scale import driver
+from experiments.reproduce import COMMITTED_SFT
 from warp_scale.cli import PRESETS, RunConfig
-
-# docs/why-merging.* were made with theta_sft of 800 SFT steps (the demo's default became 500 later, for speed)
-COMMITTED_SFT = {"default": dict(sft_steps=800)}
 
 
 # Vectors in weight space as {tensor name: float64 tensor}: never one concatenated vector (a real model would
@@ -62,7 +60,7 @@ def main(argv=None):
             return 2
     torch.set_flush_denormal(True)
     cfg = RunConfig(**{**PRESETS[args.preset], "seed": args.seed, "device": "cpu", "checkpoint_every": 0,
-                       "eval_every": 0, **COMMITTED_SFT.get(args.preset, {})})
+                       "eval_every": 0, **(COMMITTED_SFT if args.preset == "default" else {})})
     task, net = W.toy_task(), W.toy_network(cfg)
     theta_sft = W.toy_theta_sft(cfg, cfg.cache_dir)
     sft_model = W.build_model(net, theta_sft)
