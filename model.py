@@ -78,8 +78,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # zero offset: the norm starts as identity scale
 
     def forward(self, x):
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)       # x / sqrt(mean(x^2) + eps), one kernel
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        # x / sqrt(mean(x^2) + eps) * (1 + w) in one call (the same bits as the two steps, forward and backward)
+        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_dim, max_seq_len, theta, scaling_factor=1.0, device=None):
@@ -321,7 +321,8 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
