@@ -277,6 +277,27 @@ def test_held_groups_give_the_same_bytes_as_two_passes(tmp_path, granularity):
             assert report["groups"] == runs["stream"][0]["groups"], (label, block)
 
 
+def test_default_holds_groups_only_when_the_inputs_do_not_fit_in_memory(tmp_path, monkeypatch):
+    """max_group_mb=None (the CLI's default): "auto" when the M + 1 inputs are larger than the memory
+    available (a second pass would read the disk), 0 when they fit or the system does not say. The
+    report names the choice; the bytes are the same. (What "auto" holds: test_held_groups_... above.)"""
+    _, _, init_dir, pol_dirs = make_set(tmp_path, M=2, dtype=torch.bfloat16)
+    input_bytes = 3 * checkpoints.Checkpoint(init_dir).nbytes
+    runs = {}
+    for label, available in [("fits", input_bytes), ("too big", input_bytes - 1), ("unknown", None)]:
+        monkeypatch.setattr(checkpoints, "memory_available", lambda: available)
+        assert checkpoints.default_group_budget(input_bytes) == ("auto" if label == "too big" else 0)
+        out = str(tmp_path / label)
+        runs[label] = (checkpoints.merge_checkpoints(init_dir, pol_dirs, out, progress=False), _shard_bytes(out))
+    assert runs["fits"][0]["max_group_mb"] == runs["unknown"][0]["max_group_mb"] == "0 (default)"
+    assert runs["too big"][0]["max_group_mb"] == "auto (default)"
+    assert runs["fits"][1] == runs["too big"][1] == runs["unknown"][1]
+    auto = checkpoints.merge_checkpoints(init_dir, pol_dirs, str(tmp_path / "auto"), progress=False,
+                                         max_group_mb="auto")        # an explicit value is used as given
+    assert auto["max_group_mb"] == "auto" and auto["group_budget_mb"] == runs["too big"][0]["group_budget_mb"]
+    assert isinstance(checkpoints.memory_available(), (int, type(None)))
+
+
 def test_group_budget_plan():
     """A group is held only if it fits in what the budget has left when its first tensor comes
     up; its tensors give their bytes back as they are written (M + 1 inputs counted)."""

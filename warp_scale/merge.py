@@ -35,7 +35,7 @@ Design (why the merge never holds a model in memory):
   map as `liti` folded into the coefficients (one rounding to bf16, not two) -- and appends
   it to the output shard (whose safetensors header was written first: names, dtypes and shapes
   are known before any data is). Inputs are read twice; the output is written once.
-- Held groups (--max-group-mb, off by default): a group whose raw bytes in all M + 1 inputs fit
+- Held groups (--max-group-mb; by default on only when the inputs do not fit in memory): a group whose raw bytes in all M + 1 inputs fit
   the budget is read once when its first tensor comes up in the write order -- Gram from those
   blocks (same code, same summation order as pass 1), coefficients, then combine from memory --
   and pass 1 skips it. Bigger groups (and whatever does not fit alongside the groups still being
@@ -44,8 +44,11 @@ Design (why the merge never holds a model in memory):
   costs RSS (file-backed, up to the budget), not time. It reads the inputs once, which pays when
   the page cache cannot keep them between the passes (a model larger than RAM; simulated with
   bench/merge.py --cold --evict-between-passes: 20-35% faster); otherwise the second pass
-  re-reads memory and holding saves 0-12%. Off by default (the RSS: ~620 MB instead of ~310 MB
-  on the bench); "auto" sizes it to stay under 2 x the largest tensor in float64.
+  re-reads memory and holding saves 0-12%. Default (max_group_mb=None): "auto" when the M + 1
+  inputs are larger than the memory available now (MemAvailable: their second read would come
+  from the disk), else 0 -- with the inputs cached, holding buys no time and doubles the RSS
+  (~620 MB instead of ~310 MB on the bench). "auto" sizes the budget to stay under 2 x the
+  largest tensor in float64.
 - Peak memory is a few blocks per worker -- the mapped pages of M + 1 input blocks, the worker's
   sub-block work buffers, the output block -- plus up to WRITE_QUEUE_BLOCKS merged blocks waiting
   to be written (and the held groups, if asked for): independent of model size and of the
@@ -582,8 +585,8 @@ def _tied_notes(init, config):
         notes.append(f"no lm_head.weight: the output projection is tied to {embed} "
                      f"(tie_word_embeddings={tie}), so it is merged with the embeddings")
     elif embed and has_head and tie:
-        notes.append(f"lm_head.weight stored although tie_word_embeddings=true: both copies are "
-                     f"merged (identical inputs give identical outputs at granularity layer/tensor)")
+        notes.append("lm_head.weight stored although tie_word_embeddings=true: both copies are "
+                     "merged (identical inputs give identical outputs at granularity layer/tensor)")
     return notes
 
 
@@ -847,8 +850,30 @@ def _piece_finite(piece, acc):
 # ----------------------------------------------------------------------------------------------
 
 
+def memory_available():
+    """Bytes of memory available now (Linux: MemAvailable, which counts reclaimable page cache);
+    None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_group_budget(input_bytes):
+    """--max-group-mb when not given: "auto" if the inputs do not fit in the memory available, so
+    that a second pass would read them from the disk again (bench/merge.py --cold
+    --evict-between-passes: ~20% faster held); else 0, streaming: with the inputs in the page
+    cache, holding saves no time and doubles the RSS."""
+    available = memory_available()
+    return "auto" if available is not None and input_bytes > available else 0
+
+
 def _validate_values(n_policies, lam, eta, granularity, method, allow_extrapolation, workers=None,
-                     max_group_mb=0):
+                     max_group_mb=None):
     if n_policies < 1:
         raise CheckpointError("--policies needs at least one checkpoint (WARP merges M >= 2)")
     if lam is not None:
@@ -866,7 +891,7 @@ def _validate_values(n_policies, lam, eta, granularity, method, allow_extrapolat
         raise CheckpointError(f"--workers {workers}: needs at least 1")
     if method not in ("slerp", "lerp"):
         raise CheckpointError(f"--method {method!r}: choose slerp or lerp")
-    if max_group_mb != "auto" and not (isinstance(max_group_mb, (int, float)) and max_group_mb >= 0):
+    if max_group_mb not in ("auto", None) and not (isinstance(max_group_mb, (int, float)) and max_group_mb >= 0):
         raise CheckpointError(f"--max-group-mb {max_group_mb}: needs a number >= 0 (MiB; 0 = stream "
                               f"every group) or auto")
 
@@ -1146,7 +1171,7 @@ class _BackgroundWrites:
 
 def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="layer", method="slerp",
                       dry_run=False, overwrite=False, progress=True, allow_extrapolation=False,
-                      block_elems=BLOCK_ELEMS, workers=None, max_group_mb=0, profile=False):
+                      block_elems=BLOCK_ELEMS, workers=None, max_group_mb=None, profile=False):
     """Merge checkpoints on disk: out = init + sum_m c_m (policy_m - init) per group, then LITI.
 
     init, policies: paths (HF directories or .safetensors files); out: path to create.
@@ -1154,9 +1179,10 @@ def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="laye
     (1 - eta) * init + eta * merged, None = no LITI. granularity: layer (paper), tensor (mergekit's
     nuslerp) or model. workers: threads working on different blocks (default: CPU count, max 4).
     max_group_mb: memory (MiB) for groups read once and held between their Gram and their write
-    (raw bytes of all inputs); other groups are streamed in two passes. 0 (default) streams
-    everything; "auto" = min(2 GiB, what keeps peak memory under 2 x the largest tensor in
-    float64). The output is the same bytes either way. profile: time each stage of the block
+    (raw bytes of all inputs); other groups are streamed in two passes. 0 streams everything;
+    "auto" = min(2 GiB, what keeps peak memory under 2 x the largest tensor in float64); None
+    (default) = "auto" if the inputs are larger than the memory available now, else 0
+    (default_group_budget). The output is the same bytes either way. profile: time each stage of the block
     pipeline (reads, widening to fp32, deltas, Gram, combine, narrowing, writes...), summed over
     threads, into report["profile_s"] (wall) and report["profile_cpu_s"] (thread CPU time);
     experiments/bench/merge.py --profile prints them.
@@ -1220,6 +1246,9 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
                 + (2 * workers.n + WRITE_QUEUE_BLOCKS) * block * itemsize)
     # Held groups: their raw blocks stay in memory between the Gram and the write. The default
     # budget keeps buffers + held bytes under 2 x the largest tensor in float64 (the memory goal).
+    given = max_group_mb
+    if max_group_mb is None:            # the default: hold only if the second pass would hit the disk
+        max_group_mb = default_group_budget((M + 1) * in_bytes)
     if max_group_mb == "auto":
         budget = max(0, min(MAX_GROUP_BYTES, 2 * 8 * largest.numel - est_peak))
     else:
@@ -1231,6 +1260,7 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
     plan = {"tensors": len(names), "groups": len(groups), "policies": M,
             "held_groups": len(held), "streamed_groups": len(groups) - len(held),
             "group_budget_mb": budget / 2**20,
+            "max_group_mb": max_group_mb if given is not None else f"{max_group_mb} (default)",
             "bytes_read": bytes_read, "bytes_written": in_bytes,
             "largest_tensor": f"{largest.name} {list(largest.shape)} {largest.dtype}",
             "est_peak_working_mb": (est_peak + held_peak) / 2**20}
@@ -1312,6 +1342,7 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
             "bytes_read": bytes_read, "bytes_written": written,
             "held_groups": len(held), "streamed_groups": len(groups) - len(held),
             "group_budget_mb": budget / 2**20,
+            "max_group_mb": max_group_mb if given is not None else f"{max_group_mb} (default)",
             "lerp_fallbacks": n_fallbacks,
             "nonfinite": {"inputs_checked": True, "input_nonfinite": 0,
                           "outputs_checked": True, "output_nonfinite": 0},
@@ -1402,12 +1433,13 @@ def build_parser():
                    help="replace an existing --out (only once the new output is complete)")
     p.add_argument("--workers", type=int, default=None,
                    help="threads working on different blocks (default: number of CPUs, at most 4)")
-    p.add_argument("--max-group-mb", type=_group_budget, default=0, metavar="MB",
+    p.add_argument("--max-group-mb", type=_group_budget, default=None, metavar="MB",
                    help="read groups (e.g. transformer blocks) of up to MB MiB in all inputs once "
                         "and hold them between their angle and their write, instead of reading "
                         "every input twice: halves the reading when the inputs are not in the page "
                         "cache; 'auto' = min(2048, 2 x the largest tensor in float64 - working "
-                        "buffers); default 0 (stream everything). The output is the same either way")
+                        "buffers); 0 = stream everything. Default: auto if the inputs are larger "
+                        "than the memory available now, else 0. The output is the same either way")
     p.add_argument("--quiet", action="store_true", help="no progress lines or report table")
     return p
 
