@@ -35,11 +35,12 @@ Design (why the merge never holds a model in memory):
   map as `liti` folded into the coefficients (one rounding to bf16, not two) -- and appends
   it to the output shard (whose safetensors header was written first: names, dtypes and shapes
   are known before any data is). Inputs are read twice; the output is written once.
-- Held groups (--max-group-mb; by default on only when the inputs do not fit in memory): a group whose raw bytes in all M + 1 inputs fit
-  the budget is read once when its first tensor comes up in the write order -- Gram from those
-  blocks (same code, same summation order as pass 1), coefficients, then combine from memory --
-  and pass 1 skips it. Bigger groups (and whatever does not fit alongside the groups still being
-  written) are streamed as above, so granularity "model" normally streams. The output is
+- Held groups (--max-group-mb; by default only when the inputs do not fit in memory): a group
+  whose raw bytes in all M + 1 inputs fit the budget is read once when its first tensor comes up
+  in the write order -- Gram from those blocks (same code, same summation order as pass 1),
+  coefficients, then combine from memory -- and pass 1 skips it. Bigger groups (and whatever
+  does not fit alongside the groups still being written) are streamed as above, so granularity
+  "model" normally streams. The output is
   byte-identical either way. Held blocks are the mapped pages themselves, not copies: holding
   costs RSS (file-backed, up to the budget), not time. It reads the inputs once, which pays when
   the page cache cannot keep them between the passes (a model larger than RAM; simulated with
@@ -51,7 +52,7 @@ Design (why the merge never holds a model in memory):
   largest tensor in float64.
 - Peak memory is a few blocks per worker -- the mapped pages of M + 1 input blocks, the worker's
   sub-block work buffers, the output block -- plus up to WRITE_QUEUE_BLOCKS merged blocks waiting
-  to be written (and the held groups, if asked for): independent of model size and of the
+  to be written (and the held groups, if any): independent of model size and of the
   largest tensor (~100 MB on top of the ~225 MB of a Python process with torch imported).
 - Speed: blocks are processed by a few threads (each running torch single-threaded; torch
   releases the GIL), results consumed in a fixed order, so the sums -- and the output -- do not
@@ -63,7 +64,8 @@ Design (why the merge never holds a model in memory):
   of the CPU time of a single-threaded profile (bench/merge.py --profile), writing 8-20%, the
   deltas, the Gram and the combine ~10% each. The merge's I/O alone -- two read passes and the
   write, no arithmetic -- costs 1.4-1.9x a plain read + write of the same bytes on the bench, the
-  merge 2.1-2.4x (4.5x in the same runs before the block kernels and the mapped reads).
+  merge ~2x (1.4-2.4x over runs, mostly the baseline's variation; 4.5x in the same runs before
+  the block kernels and the mapped reads); with the inputs on disk, 1.2-1.3x streamed, ~1x held.
 - Crash safety: the output is written into a hidden temporary directory (or file) beside --out,
   every file is fsync'ed, and only a complete output is renamed into place (with --overwrite the
   old output is moved aside first and deleted afterwards). A killed merge leaves either no --out
