@@ -40,8 +40,8 @@ Design (why the merge never holds a model in memory):
   in the write order -- Gram from those blocks (same code, same summation order as pass 1),
   coefficients, then combine from memory -- and pass 1 skips it. Bigger groups (and whatever
   does not fit alongside the groups still being written) are streamed as above, so granularity
-  "model" normally streams. The output is byte-identical either way. Held blocks are the mapped pages themselves, not copies: holding
-  costs RSS (file-backed, up to the budget), not time. It reads the inputs once, which pays when
+  "model" normally streams. The output is byte-identical either way. Held blocks are the mapped
+  pages themselves, not copies: holding costs RSS (file-backed, up to the budget), not time. It reads the inputs once, which pays when
   the page cache cannot keep them between the passes (a model larger than RAM; simulated with
   bench/merge.py --cold --evict-between-passes: 20-35% faster); otherwise the second pass
   re-reads memory and holding saves 0-12%. Default (max_group_mb=None): "auto" when the M + 1
@@ -1184,8 +1184,8 @@ def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="laye
     "auto" = min(2 GiB, what keeps peak memory under 2 x the largest tensor in float64); None
     (default) = "auto" if the inputs are larger than the memory available now, else 0
     (default_group_budget). The output is the same bytes either way. profile: time each stage
-    of the block pipeline (reads, widening to fp32, deltas, Gram, combine, narrowing, writes...), summed over
-    threads, into report["profile_s"] (wall) and report["profile_cpu_s"] (thread CPU time);
+    of the block pipeline (reads, widening to fp32, deltas, Gram, combine, narrowing,
+    writes...), summed over threads, into report["profile_s"] (wall) and report["profile_cpu_s"] (thread CPU time);
     experiments/bench/merge.py --profile prints them.
     Returns the merge report (also written as merge_report.json).
     """
