@@ -35,20 +35,20 @@ Design (why the merge never holds a model in memory):
   map as `liti` folded into the coefficients (one rounding to bf16, not two) -- and appends
   it to the output shard (whose safetensors header was written first: names, dtypes and shapes
   are known before any data is). Inputs are read twice; the output is written once.
-- Held groups (--max-group-mb; by default only when the inputs do not fit in memory): a group
-  whose raw bytes in all M + 1 inputs fit the budget is read once when its first tensor comes up
-  in the write order -- Gram from those blocks (same code, same summation order as pass 1),
-  coefficients, then combine from memory -- and pass 1 skips it. Bigger groups (and whatever
-  does not fit alongside the groups still being written) are streamed as above, so granularity
-  "model" normally streams. The output is byte-identical either way. Held blocks are the mapped
-  pages themselves, not copies: holding costs RSS (file-backed, up to the budget), not time. It reads the inputs once, which pays when
-  the page cache cannot keep them between the passes (a model larger than RAM; simulated with
-  bench/merge.py --cold --evict-between-passes: 20-35% faster); otherwise the second pass
-  re-reads memory and holding saves 0-12%. Default (max_group_mb=None): "auto" when the M + 1
-  inputs are larger than the memory available now (MemAvailable: their second read would come
-  from the disk), else 0 -- with the inputs cached, holding buys no time and doubles the RSS
-  (~620 MB instead of ~310 MB on the bench). "auto" sizes the budget to stay under 2 x the
-  largest tensor in float64.
+- Held groups (--max-group-mb; by default only when the inputs do not fit in memory): a group whose
+  raw bytes in all M + 1 inputs fit the budget is read once when its first tensor comes up in the
+  write order -- Gram from those blocks (same code, same summation order as pass 1), coefficients,
+  then combine from memory -- and pass 1 skips it. Bigger groups (and whatever does not fit
+  alongside the groups still being written) are streamed as above, so granularity "model" normally
+  streams. The output is byte-identical either way. Held blocks are the mapped pages themselves, not
+  copies: holding costs RSS (file-backed, up to the budget), not time. It reads the inputs once,
+  which pays when the page cache cannot keep them between the passes (a model larger than RAM;
+  simulated with bench/merge.py --cold --evict-between-passes: 20-35% faster); otherwise the second
+  pass re-reads memory and holding saves 0-12%. Default (max_group_mb=None): "auto" when the M + 1
+  inputs are larger than the memory available now (MemAvailable: their second read would come from
+  the disk), else 0 -- with the inputs cached, holding buys no time and doubles the RSS (~620 MB
+  instead of ~310 MB on the bench). "auto" sizes the budget to stay under 2 x the largest tensor in
+  float64.
 - Peak memory is a few blocks per worker -- the mapped pages of M + 1 input blocks, the worker's
   sub-block work buffers, the output block -- plus up to WRITE_QUEUE_BLOCKS merged blocks waiting
   to be written (and the held groups, if any): independent of model size and of the
@@ -892,7 +892,8 @@ def _validate_values(n_policies, lam, eta, granularity, method, allow_extrapolat
         raise CheckpointError(f"--workers {workers}: needs at least 1")
     if method not in ("slerp", "lerp"):
         raise CheckpointError(f"--method {method!r}: choose slerp or lerp")
-    if max_group_mb not in ("auto", None) and not (isinstance(max_group_mb, (int, float)) and max_group_mb >= 0):
+    if max_group_mb not in ("auto", None) and not (
+            isinstance(max_group_mb, (int, float)) and max_group_mb >= 0):
         raise CheckpointError(f"--max-group-mb {max_group_mb}: needs a number >= 0 (MiB; 0 = stream "
                               f"every group) or auto")
 
@@ -1179,13 +1180,13 @@ def merge_checkpoints(init, policies, out, lam=None, eta=None, granularity="laye
     lam: SLERP/LERP weight of the second policy (M = 2; None = 0.5); eta: LITI
     (1 - eta) * init + eta * merged, None = no LITI. granularity: layer (paper), tensor (mergekit's
     nuslerp) or model. workers: threads working on different blocks (default: CPU count, max 4).
-    max_group_mb: memory (MiB) for groups read once and held between their Gram and their write
-    (raw bytes of all inputs); other groups are streamed in two passes. 0 streams everything;
-    "auto" = min(2 GiB, what keeps peak memory under 2 x the largest tensor in float64); None
-    (default) = "auto" if the inputs are larger than the memory available now, else 0
-    (default_group_budget). The output is the same bytes either way. profile: time each stage
-    of the block pipeline (reads, widening to fp32, deltas, Gram, combine, narrowing,
-    writes...), summed over threads, into report["profile_s"] (wall) and report["profile_cpu_s"] (thread CPU time);
+    max_group_mb: memory (MiB) for groups read once and held between their Gram and their write (raw
+    bytes of all inputs); other groups are streamed in two passes. 0 streams everything; "auto" =
+    min(2 GiB, what keeps peak memory under 2 x the largest tensor in float64); None (default) =
+    "auto" if the inputs are larger than the memory available now, else 0 (default_group_budget).
+    The output is the same bytes either way. profile: time each stage of the block pipeline (reads,
+    widening to fp32, deltas, Gram, combine, narrowing, writes...), summed over threads, into
+    report["profile_s"] (wall) and report["profile_cpu_s"] (thread CPU time);
     experiments/bench/merge.py --profile prints them.
     Returns the merge report (also written as merge_report.json).
     """
