@@ -1248,9 +1248,11 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
                 + (2 * workers.n + WRITE_QUEUE_BLOCKS) * block * itemsize)
     # Held groups: their raw blocks stay in memory between the Gram and the write. The default
     # budget keeps buffers + held bytes under 2 x the largest tensor in float64 (the memory goal).
-    given = max_group_mb
     if max_group_mb is None:            # the default: hold only if the second pass would hit the disk
         max_group_mb = default_group_budget((M + 1) * in_bytes)
+        chosen = f"{max_group_mb} (default)"
+    else:
+        chosen = max_group_mb
     if max_group_mb == "auto":
         budget = max(0, min(MAX_GROUP_BYTES, 2 * 8 * largest.numel - est_peak))
     else:
@@ -1262,7 +1264,7 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
     plan = {"tensors": len(names), "groups": len(groups), "policies": M,
             "held_groups": len(held), "streamed_groups": len(groups) - len(held),
             "group_budget_mb": budget / 2**20,
-            "max_group_mb": max_group_mb if given is not None else f"{max_group_mb} (default)",
+            "max_group_mb": chosen,
             "bytes_read": bytes_read, "bytes_written": in_bytes,
             "largest_tensor": f"{largest.name} {list(largest.shape)} {largest.dtype}",
             "est_peak_working_mb": (est_peak + held_peak) / 2**20}
@@ -1344,7 +1346,7 @@ def _merge_checkpoints(init, policies, out, lam, eta, granularity, method, dry_r
             "bytes_read": bytes_read, "bytes_written": written,
             "held_groups": len(held), "streamed_groups": len(groups) - len(held),
             "group_budget_mb": budget / 2**20,
-            "max_group_mb": max_group_mb if given is not None else f"{max_group_mb} (default)",
+            "max_group_mb": chosen,
             "lerp_fallbacks": n_fallbacks,
             "nonfinite": {"inputs_checked": True, "input_nonfinite": 0,
                           "outputs_checked": True, "output_nonfinite": 0},
