@@ -48,15 +48,15 @@ class CeilingDecoder:
                 k=torch.zeros(batch, cfg.n_kv_head, max_len, cfg.head_dim),
                 v=torch.zeros(batch, cfg.n_kv_head, max_len, cfg.head_dim)))
         self.embed, self.head = model.model.embed_tokens.weight.detach(), t(model.model.embed_tokens.weight)
-        self.norm = 1.0 + model.model.norm.weight.detach()
-        self.scale, self.cos, self.sin = cfg.head_dim ** -0.5, model.rope_cos, model.rope_sin
+        self.norm, self.embed_scale = 1.0 + model.model.norm.weight.detach(), model.embed_scale
+        self.scale, self.cos, self.sin = model.model.layers[0].self_attn.scale, model.rope_cos, model.rope_sin
         self.sizes = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim)
 
     def decode(self, tokens, pos):
         """tokens (B,) at position pos -> logits (B, V); fills the cache at pos."""
         cfg, B = self.cfg, self.B
         eps = cfg.norm_eps
-        x = self.embed[tokens] * cfg.d_model ** 0.5
+        x = self.embed[tokens] * self.embed_scale
         cos, sin = self.cos[pos], self.sin[pos]
         for L in self.layers:
             q, k, v = (F.rms_norm(x, (cfg.d_model,), L["norm1"], eps) @ L["qkv"]).split(self.sizes, dim=-1)
