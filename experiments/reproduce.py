@@ -107,7 +107,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.relpath(__file__)), "results")
 
 def _worker_init():
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)   # safe on one thread: every kernel runs in this mode (docs/architecture.md)
     # Ctrl-C: the main process says what happened; a worker leaves quietly (a run it was training is
     # simply not cached: its files are written atomically, the .json last)
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))

@@ -58,7 +58,6 @@ def main(argv=None):
         if value < low:
             print(f"error: {flag} {value}: must be >= {low}", file=sys.stderr)
             return 2
-    torch.set_flush_denormal(True)
     cfg = RunConfig(**{**PRESETS[args.preset], "seed": args.seed, "device": "cpu", "checkpoint_every": 0,
                        "eval_every": 0, **(COMMITTED_SFT if args.preset == "default" else {})})
     task, net = W.toy_task(), W.toy_network(cfg)
