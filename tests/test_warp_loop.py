@@ -176,8 +176,8 @@ def test_quick_demo_end_to_end(tmp_path):
 
 def test_the_cli_keeps_denormals_so_threads_round_alike(tmp_path):
     """A run on several threads gives the same bits every time only if every thread rounds alike.
-    torch.set_flush_denormal(True) sets the calling thread's mode and not always the pool's: with it,
-    about 1 in 10 fresh two-thread trainings of the same theta_sft ended with other weights
+    With torch.set_flush_denormal(True) (the calling thread's mode; which kernel differed was not pinned
+    down), about 1 in 10 fresh two-thread trainings of the same theta_sft ended with other weights
     (docs/architecture.md). So after a tiny demo on 2 threads, in its own process, a denormal times 1.5
     is still non-zero in every element of a tensor large enough to be split across the threads."""
     code = ("import sys, torch\nfrom warp_scale import cli\nrc = cli.main(sys.argv[1:])\n"

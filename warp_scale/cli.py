@@ -261,9 +261,9 @@ def main(argv=None):
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.workers > 1 and processes == 1 and not resume:
         return distributed.launch(cfg.workers, argv)          # the same command, under torchrun
-    # choice: denormals are not flushed. torch.set_flush_denormal sets the calling thread's mode, not
-    # always every worker thread's, and with 2 threads about 1 run in 10 gave other bits (measured:
-    # docs/architecture.md); the 0.02 init keeps the toy's weights far from denormals anyway.
+    # choice: denormals are not flushed. With torch.set_flush_denormal (the calling thread's mode) and 2
+    # threads, about 1 run in 10 gave other bits (measured, cause not pinned down: docs/architecture.md);
+    # the 0.02 init keeps the toy's weights far from denormals anyway.
     torch.set_num_threads(max(1, min(cfg.threads, (os.cpu_count() or 1) // processes)))  # no oversubscription
     t0 = time.time()
     try:
